@@ -1,0 +1,239 @@
+"""The math of cosine normalization, in one place.
+
+Luo et al., "Cosine Normalization: Using Cosine Similarity Instead of Dot Product in
+Neural Networks" (2017). A unit's pre-activation ``w . x`` becomes
+
+    cos(w, x) = w . x / (max(|w|, eps) * max(|x|, eps))
+
+and, with ``centered=True``, the Pearson correlation: ``w`` and ``x`` each minus its
+mean. ``x`` is the unit's receptive field: for a convolution, all input channels of the
+filter's group times the kernel window, zero padding counted as zeros.
+
+The receptive field is never unfolded. Because a centered weight sums to zero,
+``w_c . x = w_c . x_c``, so one ordinary convolution with the normalized weight gives
+every numerator; the norms ``|x|^2 = S2`` and ``|x_c|^2 = S2 - S1^2 / n`` come from
+window sums of the channel-summed squares ``S2`` (and sums ``S1``). Norms are computed
+in float32 under float16/bfloat16 and autocast.
+
+A zero field gives 0. A constant field gives 0 in the centered form too: a field whose
+centered energy is below ``CONSTANT_TOL`` of its raw energy (standard deviation under
+about 0.3% of its RMS value) is treated as constant, because float32 sums cannot
+resolve it and the quotient would be rounding noise. The centered sums are taken in
+float64 (where the squares of float32 values are exact), so the cancellation in
+``S2 - S1^2 / n`` costs no float32 accuracy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "cosine_linear",
+    "cosine_conv1d",
+    "cosine_conv2d",
+    "cosine_conv3d",
+    "normalize_weight",
+    "inverse_norm",
+    "receptive_field_inverse_norm",
+]
+
+CONSTANT_TOL = 1e-5
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_IntOrTuple = int | Sequence[int]
+
+
+def _norm_dtype(dtype: torch.dtype, centered: bool = False) -> torch.dtype:
+    """The type norms are summed in: float32 for the half types, else the input's own; float64 for
+    the centered form, whose ``S2 - S1^2 / n`` cancels (the squares of float32 values are exact in it)."""
+    if centered:
+        return torch.float64
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def inverse_norm(sum_sq: Tensor, total: Tensor | None, n: int, eps: float) -> Tensor:
+    """``1 / max(|x|, eps)`` from a vector's sum of squares, or, given its sum ``total``,
+    ``1 / max(|x - mean x|, eps)``, and 0 where the centered vector is constant."""
+    if total is None:
+        return sum_sq.clamp_min(eps * eps).rsqrt()
+    centered_sq = sum_sq - total * total / n
+    not_constant = centered_sq > CONSTANT_TOL * sum_sq
+    return torch.where(not_constant, centered_sq.clamp_min(eps * eps).rsqrt(), 0.0)
+
+
+def normalize_weight(
+    weight: Tensor, *, centered: bool = False, eps: float = 1e-6, gain: Tensor | None = None
+) -> Tensor:
+    """Each output unit's weight (row of ``weight``, shape ``(out, ...)``) over its norm,
+    centered first if asked, times ``gain`` (shape ``()``, ``(1,)`` or ``(out,)``).
+    Computed in float32 for half types and returned in ``weight.dtype``."""
+    w = weight.to(_norm_dtype(weight.dtype, centered)).flatten(1)
+    total = w.sum(1) if centered else None
+    scale = inverse_norm(w.square().sum(1), total, w.shape[1], eps)
+    if gain is not None:
+        scale = scale * gain.to(scale.dtype)
+    if centered:
+        w = w - w.mean(1, keepdim=True)
+    return (w * scale[:, None]).view_as(weight).to(weight.dtype)
+
+
+def _tuple(value: _IntOrTuple, dims: int) -> tuple[int, ...]:
+    return (value,) * dims if isinstance(value, int) else tuple(value)
+
+
+def receptive_field_inverse_norm(
+    input: Tensor,
+    kernel_size: Sequence[int],
+    stride: _IntOrTuple = 1,
+    padding: str | _IntOrTuple = 0,
+    dilation: _IntOrTuple = 1,
+    groups: int = 1,
+    *,
+    centered: bool = False,
+    eps: float = 1e-6,
+) -> Tensor:
+    """``1 / |x|`` for every receptive field of a convolution over ``input``
+    ``(N, C, *spatial)``: shape ``(N, groups, *out_spatial)``, float32 for half inputs."""
+    dims = len(kernel_size)
+    n, c = input.shape[:2]
+    n_field = (c // groups) * math.prod(kernel_size)
+    with torch.autocast(input.device.type, enabled=False):
+        x = input.to(_norm_dtype(input.dtype, centered))
+        pointwise = all(k == 1 for k in kernel_size) and (
+            padding in ("valid", "same") or all(p == 0 for p in _tuple(padding, dims))
+        )
+        if pointwise:  # 1x1 kernel: the field is one position, so subsample instead of a window sum
+            x = x[(..., *(slice(None, None, s) for s in _tuple(stride, dims)))]
+        if groups == c:  # depthwise: each field lies in one channel, nothing to sum across channels
+            sums = [x * x, x] if centered else [x * x]
+        else:
+            x = x.reshape(n, groups, c // groups, *x.shape[2:])
+            sums = [(x * x).sum(2), x.sum(2)] if centered else [(x * x).sum(2)]
+        if not pointwise:
+            ones = x.new_ones(groups * len(sums), 1, *kernel_size)
+            window = _CONV[dims](torch.cat(sums, 1), ones, None, stride, padding, dilation, groups * len(sums))
+            sums = list(window.split(groups, 1))
+        inv = inverse_norm(sums[0], sums[1] if centered else None, n_field, eps)
+        return inv.to(_norm_dtype(input.dtype))
+
+
+def _cosine_conv(input, weight, bias, stride, padding, dilation, groups, centered, eps, gain):
+    w_hat = normalize_weight(weight, centered=centered, eps=eps, gain=gain)
+    return conv_normalized(input, w_hat, bias, stride, padding, dilation, groups, centered=centered, eps=eps)
+
+
+def conv_normalized(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: _IntOrTuple = 1,
+    padding: str | _IntOrTuple = 0,
+    dilation: _IntOrTuple = 1,
+    groups: int = 1,
+    *,
+    centered: bool = False,
+    eps: float = 1e-6,
+) -> Tensor:
+    """The cosine convolution for a weight already through :func:`normalize_weight`:
+    ``conv(x, w_hat) / |x| + bias``. This is the op that ONNX export emits."""
+    dims = weight.dim() - 2
+    out = _CONV[dims](input, weight, None, stride, padding, dilation, groups)
+    inv = receptive_field_inverse_norm(
+        input, weight.shape[2:], stride, padding, dilation, groups, centered=centered, eps=eps
+    )
+    n, c_out = out.shape[:2]
+    out = out.view(n, groups, c_out // groups, *out.shape[2:]) * inv.unsqueeze(2)
+    out = out.view(n, c_out, *out.shape[3:]).to(_out_dtype(input, weight))
+    if bias is not None:
+        out = out + bias.view(-1, *([1] * dims)).to(out.dtype)
+    return out
+
+
+def _out_dtype(input: Tensor, weight: Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(input.device.type):
+        return torch.get_autocast_dtype(input.device.type)
+    return torch.promote_types(input.dtype, weight.dtype)
+
+
+def linear_normalized(
+    input: Tensor, weight: Tensor, bias: Tensor | None = None, *, centered: bool = False, eps: float = 1e-6
+) -> Tensor:
+    """The cosine linear layer for a weight already through :func:`normalize_weight`."""
+    out = F.linear(input, weight)
+    with torch.autocast(input.device.type, enabled=False):
+        x = input.to(_norm_dtype(input.dtype, centered))
+        total = x.sum(-1, keepdim=True) if centered else None
+        inv = inverse_norm((x * x).sum(-1, keepdim=True), total, x.shape[-1], eps)
+        inv = inv.to(_norm_dtype(input.dtype))
+    out = (out * inv).to(_out_dtype(input, weight))
+    return out if bias is None else out + bias.to(out.dtype)
+
+
+def cosine_linear(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    centered: bool = False,
+    eps: float = 1e-6,
+    gain: Tensor | None = None,
+) -> Tensor:
+    """Cosine-normalized ``F.linear``: ``input (..., in)``, ``weight (out, in)`` -> ``(..., out)``,
+    each output ``gain * cos(w_j, x) + bias_j``."""
+    w_hat = normalize_weight(weight, centered=centered, eps=eps, gain=gain)
+    return linear_normalized(input, w_hat, bias, centered=centered, eps=eps)
+
+
+def cosine_conv1d(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: _IntOrTuple = 1,
+    padding: str | _IntOrTuple = 0,
+    dilation: _IntOrTuple = 1,
+    groups: int = 1,
+    *,
+    centered: bool = False,
+    eps: float = 1e-6,
+    gain: Tensor | None = None,
+) -> Tensor:
+    """Cosine-normalized ``F.conv1d``; arguments as there."""
+    return _cosine_conv(input, weight, bias, stride, padding, dilation, groups, centered, eps, gain)
+
+
+def cosine_conv2d(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: _IntOrTuple = 1,
+    padding: str | _IntOrTuple = 0,
+    dilation: _IntOrTuple = 1,
+    groups: int = 1,
+    *,
+    centered: bool = False,
+    eps: float = 1e-6,
+    gain: Tensor | None = None,
+) -> Tensor:
+    """Cosine-normalized ``F.conv2d``; arguments as there."""
+    return _cosine_conv(input, weight, bias, stride, padding, dilation, groups, centered, eps, gain)
+
+
+def cosine_conv3d(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: _IntOrTuple = 1,
+    padding: str | _IntOrTuple = 0,
+    dilation: _IntOrTuple = 1,
+    groups: int = 1,
+    *,
+    centered: bool = False,
+    eps: float = 1e-6,
+    gain: Tensor | None = None,
+) -> Tensor:
+    """Cosine-normalized ``F.conv3d``; arguments as there."""
+    return _cosine_conv(input, weight, bias, stride, padding, dilation, groups, centered, eps, gain)

@@ -1,0 +1,223 @@
+"""The cosine layers against an independent float64 unfold reference."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from reference import cosine_reference, linear_reference
+from torch import nn
+
+from cosconvert import functional as CF
+from cosconvert.nn import CosineConv1d, CosineConv2d, CosineConv3d, CosineLinear, CosineMultiheadAttention
+
+CONVS = {1: CF.cosine_conv1d, 2: CF.cosine_conv2d, 3: CF.cosine_conv3d}
+MODULES = {1: (nn.Conv1d, CosineConv1d), 2: (nn.Conv2d, CosineConv2d), 3: (nn.Conv3d, CosineConv3d)}
+TOL = 1e-5  # float32 against the float64 reference
+
+
+@st.composite
+def conv_settings(draw):
+    dims = draw(st.sampled_from([1, 2, 3]))
+    groups = draw(st.sampled_from([1, 2, 3]))
+    depthwise = draw(st.booleans())
+    c_in = groups * (1 if depthwise else draw(st.integers(1, 3)))
+    c_out = groups * draw(st.integers(1, 3))
+    kernel = tuple(draw(st.integers(1, 3)) for _ in range(dims))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(dims))
+    padding = draw(st.one_of(st.just("same"), st.just("valid"), st.integers(0, 2)))
+    stride = 1 if padding == "same" else tuple(draw(st.integers(1, 2)) for _ in range(dims))
+    sizes = tuple(
+        max(d * (k - 1) + 1, 1) + draw(st.integers(0, 4 if dims < 3 else 2)) for k, d in zip(kernel, dilation)
+    )
+    return dict(
+        dims=dims,
+        groups=groups,
+        c_in=c_in,
+        c_out=c_out,
+        kernel=kernel,
+        dilation=dilation,
+        padding=padding,
+        stride=stride,
+        sizes=sizes,
+        batch=draw(st.integers(1, 3)),
+        # A centered field of 2 or 3 values is often near-constant: float32 sums cannot resolve it (see docs).
+        centered=(c_in // groups) * math.prod(kernel) >= 4 and draw(st.booleans()),
+        padding_mode=draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"])),
+        bias=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**31)),
+    )
+
+
+@settings(max_examples=150, deadline=None)
+@given(conv_settings())
+def test_functional_conv_matches_reference(s):
+    torch.manual_seed(s["seed"])
+    x = torch.randn(s["batch"], s["c_in"], *s["sizes"])
+    w = torch.randn(s["c_out"], s["c_in"] // s["groups"], *s["kernel"])
+    b = torch.randn(s["c_out"]) if s["bias"] else None
+    args = (s["stride"], s["padding"], s["dilation"], s["groups"])
+    out = CONVS[s["dims"]](x, w, b, *args, centered=s["centered"])
+    ref = cosine_reference(x, w, b, *args, centered=s["centered"])
+    assert out.shape == ref.shape == getattr(F, f"conv{s['dims']}d")(x, w, b, *args).shape
+    torch.testing.assert_close(out.double(), ref, atol=TOL, rtol=0)
+
+
+@settings(max_examples=100, deadline=None)
+@given(conv_settings(), st.sampled_from(["none", "scalar", "channel"]))
+def test_module_matches_reference_with_padding_modes(s, gain):
+    torch.manual_seed(s["seed"])
+    plain_cls, cosine_cls = MODULES[s["dims"]]
+    padding, mode = s["padding"], s["padding_mode"]
+    if mode != "zeros" and isinstance(padding, int):  # torch's own limit: a pad no wider than the input
+        padding = min(padding, min(s["sizes"]) - 1)
+    plain = plain_cls(
+        s["c_in"], s["c_out"], s["kernel"], s["stride"], padding, s["dilation"], s["groups"], s["bias"], mode
+    )
+    layer = cosine_cls.from_module(plain, centered=s["centered"], gain=gain)
+    if layer.gain is not None:
+        with torch.no_grad():
+            layer.gain.uniform_(0.5, 2.0)
+    x = torch.randn(s["batch"], s["c_in"], *s["sizes"])
+    if mode != "zeros":  # the reference sees the field as the padding mode fills it
+        xp = F.pad(x, plain._reversed_padding_repeated_twice, mode=mode)
+        ref = cosine_reference(
+            xp, plain.weight, plain.bias, s["stride"], 0, s["dilation"], s["groups"], s["centered"], gain=layer.gain
+        )
+    else:
+        ref = cosine_reference(
+            x,
+            plain.weight,
+            plain.bias,
+            s["stride"],
+            padding,
+            s["dilation"],
+            s["groups"],
+            s["centered"],
+            gain=layer.gain,
+        )
+    torch.testing.assert_close(layer(x).double(), ref.detach(), atol=TOL * 2, rtol=0)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 4), st.integers(4, 9), st.integers(1, 6), st.booleans(), st.booleans(), st.integers(0, 2**31))
+def test_linear_matches_reference(batch, n_in, n_out, centered, bias, seed):
+    torch.manual_seed(seed)
+    x = torch.randn(batch, 2, n_in)
+    layer = CosineLinear(n_in, n_out, bias, centered=centered)
+    ref = linear_reference(x, layer.weight, layer.bias, centered=centered)
+    torch.testing.assert_close(layer(x).double(), ref.detach(), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("centered", [False, True])
+def test_gradcheck(centered):
+    x = torch.randn(2, 4, 5, 5, dtype=torch.double, requires_grad=True)
+    w = torch.randn(6, 2, 3, 3, dtype=torch.double, requires_grad=True)
+    g = torch.rand(6, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, w, g: CF.cosine_conv2d(x, w, None, 2, 1, 1, 2, centered=centered, gain=g), (x, w, g)
+    )
+    x1 = torch.randn(3, 7, dtype=torch.double, requires_grad=True)
+    w1 = torch.randn(4, 7, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: CF.cosine_linear(x, w, centered=centered), (x1, w1))
+    x3 = torch.randn(1, 2, 3, 4, 3, dtype=torch.double, requires_grad=True)
+    w3 = torch.randn(2, 2, 2, 2, 2, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: CF.cosine_conv3d(x, w, padding="same", centered=centered), (x3, w3))
+
+
+@pytest.mark.parametrize("centered", [False, True])
+def test_zero_and_constant_fields_are_finite_zero(centered):
+    w = torch.randn(5, 3, 3, 3)
+    for fill in [0.0, 7.5]:
+        if fill and not centered:
+            continue  # a constant field has a direction; only its centered form is zero
+        x = torch.full((2, 3, 6, 6), fill, requires_grad=True)
+        out = CF.cosine_conv2d(x, w, padding=1, centered=centered)
+        out.sum().backward()
+        assert torch.isfinite(x.grad).all()
+        inner = out[..., 1:-1, 1:-1]
+        assert torch.equal(inner, torch.zeros_like(inner)), (fill, inner.abs().max())
+        if fill == 0:
+            assert torch.equal(out, torch.zeros_like(out))
+    assert torch.equal(CF.cosine_linear(torch.zeros(2, 4), torch.randn(3, 4)), torch.zeros(2, 3))
+    zero_weight = CF.cosine_linear(torch.randn(2, 4), torch.zeros(3, 4), centered=centered)
+    assert torch.equal(zero_weight, torch.zeros(2, 3))
+
+
+# Half types: the conv itself runs in fp16/bf16 (inputs rounded to 11 / 8 mantissa bits), norms in float32.
+HALF_TOL = {torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("centered", [False, True])
+def test_half_precision_agrees_with_float32(dtype, centered):
+    x = torch.randn(2, 16, 12, 12) * 30  # big values: a half-precision sum of squares would lose them
+    layer = CosineConv2d(16, 8, 3, padding=1, centered=centered)
+    ref = layer(x)
+    out = layer.to(dtype)(x.to(dtype))
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref, atol=HALF_TOL[dtype], rtol=0)
+    lin = CosineLinear(64, 10, centered=centered)
+    xl = torch.randn(4, 64) * 300
+    torch.testing.assert_close(lin.to(dtype)(xl.to(dtype)).float(), lin.float()(xl), atol=HALF_TOL[dtype], rtol=0)
+
+
+def test_autocast_bfloat16():
+    layer = CosineConv2d(8, 8, 3, padding=1, centered=True)
+    x = torch.randn(2, 8, 10, 10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), layer(x), atol=HALF_TOL[torch.bfloat16], rtol=0)
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_state_dict_loads_both_ways_and_from_module_shares_nothing(dims):
+    plain_cls, cosine_cls = MODULES[dims]
+    plain = plain_cls(4, 6, 3, stride=2, padding=1, groups=2, padding_mode="circular")
+    twin = cosine_cls.from_module(plain)
+    assert twin.weight.data_ptr() != plain.weight.data_ptr()
+    assert set(twin.state_dict()) == set(plain.state_dict())
+    plain.load_state_dict(twin.state_dict())
+    gained = cosine_cls(4, 6, 3, stride=2, padding=1, groups=2, padding_mode="circular", gain="channel")
+    gained.load_state_dict(plain.state_dict())  # no gain in a plain state_dict: ones are kept
+    assert torch.equal(gained.gain, torch.ones(6))
+    assert "centered=False" in repr(twin) and "gain='channel'" in repr(gained)
+
+
+def test_signatures_match_torch():
+    import inspect
+
+    for plain, cosine in [
+        (nn.Linear, CosineLinear),
+        *MODULES.values(),
+        (nn.MultiheadAttention, CosineMultiheadAttention),
+    ]:
+        theirs = list(inspect.signature(plain.__init__).parameters)
+        ours = list(inspect.signature(cosine.__init__).parameters)
+        assert ours[: len(theirs)] == theirs and ours[len(theirs) :] == ["centered", "gain", "eps"], cosine
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_attention_projections_are_cosine(batch_first):
+    mha = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+    cos = CosineMultiheadAttention.from_module(mha, centered=True)
+    q = torch.randn(3, 5, 8)
+    kpm = torch.zeros(3 if batch_first else 5, 5 if batch_first else 3, dtype=torch.bool)
+    out, weights = cos(q, q, q, need_weights=True)
+    # Reference: the same attention with projections by the float64 reference.
+    qq = q if batch_first else q.transpose(0, 1)
+    w, b = mha.in_proj_weight, mha.in_proj_bias
+    proj = [linear_reference(qq, w[i * 8 : (i + 1) * 8], b[i * 8 : (i + 1) * 8], centered=True) for i in range(3)]
+    n, length = qq.shape[:2]
+    heads = [p.view(n, length, 2, 4).transpose(1, 2) for p in proj]
+    att = torch.softmax(heads[0] @ heads[1].transpose(-1, -2) / 2.0, -1)
+    mixed = (att @ heads[2]).transpose(1, 2).reshape(n, length, 8)
+    ref = linear_reference(mixed, mha.out_proj.weight, mha.out_proj.bias, centered=True)
+    ref = ref if batch_first else ref.transpose(0, 1)
+    torch.testing.assert_close(out.double(), ref.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(weights.double(), att.mean(1).detach(), atol=1e-5, rtol=0)
+    fast, _ = cos(q, q, q, need_weights=False, key_padding_mask=kpm)
+    torch.testing.assert_close(fast, out, atol=1e-5, rtol=0)
