@@ -1,6 +1,21 @@
 """cosconvert: turn a PyTorch network into its cosine-normalized twin, fine-tune it and ship it as ONNX."""
 
 from cosconvert import functional, nn
+from cosconvert.calibration import calibrate
+from cosconvert.convert import convert, inspect, report_of
+from cosconvert.recipe import restore, save
+from cosconvert.report import ConversionReport
 
 __version__ = "0.1.0"
-__all__ = ["functional", "nn", "__version__"]
+__all__ = [
+    "functional",
+    "nn",
+    "convert",
+    "inspect",
+    "report_of",
+    "calibrate",
+    "save",
+    "restore",
+    "ConversionReport",
+    "__version__",
+]

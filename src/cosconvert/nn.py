@@ -105,9 +105,19 @@ class CosineLinear(_CosineMixin, nn.Linear):
     @classmethod
     def from_module(cls, module: nn.Linear, **kwargs) -> CosineLinear:
         """The cosine twin of ``module``, with a copy of its weights, device and dtype."""
-        w = module.weight
-        twin = cls(module.in_features, module.out_features, module.bias is not None, w.device, w.dtype, **kwargs)
+        twin = _build(cls, module, module.in_features, module.out_features, module.bias is not None, **kwargs)
         return _copy_params(module, twin)
+
+
+def _build(cls: type, source: nn.Module, *args, **kwargs) -> nn.Module:
+    """``cls(*args, **kwargs)`` on ``source``'s device and dtype, skipping the random init
+    that the copied weights would overwrite (gains start at one)."""
+    w = next(source.parameters())
+    twin = torch.nn.utils.skip_init(cls, *args, device=w.device, dtype=w.dtype, **kwargs)
+    for layer in twin.modules():  # attention's out_proj has a gain too
+        if getattr(layer, "gain", None) is not None:
+            torch.nn.init.ones_(layer.gain)
+    return twin
 
 
 def _copy_params(source: nn.Module, twin: nn.Module) -> nn.Module:
@@ -137,11 +147,10 @@ class _CosineConvNd(_CosineMixin):
         """The cosine twin of ``module``, with a copy of its weights, device and dtype."""
         if module.transposed:
             raise TypeError("transposed convolutions have no receptive field to normalize")
-        w = module.weight
-        twin = cls(
-            module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-            module.dilation, module.groups, module.bias is not None, module.padding_mode, w.device, w.dtype,
-            **kwargs,
+        m = module
+        twin = _build(
+            cls, m, m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
+            m.bias is not None, m.padding_mode, **kwargs,
         )  # fmt: skip
         return _copy_params(module, twin)
 
@@ -223,10 +232,9 @@ class CosineMultiheadAttention(_CosineMixin, nn.MultiheadAttention):
     def from_module(cls, module: nn.MultiheadAttention, **kwargs) -> CosineMultiheadAttention:
         """The cosine twin of ``module``, with a copy of its weights, device and dtype."""
         m = module
-        w = m.out_proj.weight
-        twin = cls(
-            m.embed_dim, m.num_heads, m.dropout, m.in_proj_bias is not None, m.bias_k is not None,
-            m.add_zero_attn, m.kdim, m.vdim, m.batch_first, w.device, w.dtype, **kwargs,
+        twin = _build(
+            cls, m, m.embed_dim, m.num_heads, m.dropout, m.in_proj_bias is not None, m.bias_k is not None,
+            m.add_zero_attn, m.kdim, m.vdim, m.batch_first, **kwargs,
         )  # fmt: skip
         twin.load_state_dict(m.state_dict())
         twin.train(m.training)

@@ -1,0 +1,81 @@
+"""Data by name: the built-in ``digits`` set, ``.npz`` files, image folders, or ``module:callable``."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+__all__ = ["digits", "load_data", "DataError"]
+
+
+class DataError(ValueError):
+    """A data source that cannot be read, with what to do about it."""
+
+
+def digits(split: str = "train", test_fraction: float = 0.25) -> TensorDataset:
+    """scikit-learn's 8x8 handwritten digits (shipped inside scikit-learn), as ``(N, 1, 8, 8)``
+    float images scaled to [0, 1] and int64 labels; a fixed split (every 4th sample is test)."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(bunch.target, dtype=torch.int64)
+    every = round(1 / test_fraction)
+    test = torch.arange(len(y)) % every == 0
+    keep = test if split == "test" else ~test
+    return TensorDataset(x[keep], y[keep])
+
+
+def _npz(path: Path) -> TensorDataset:
+    with np.load(path) as f:
+        if "x" not in f:
+            raise DataError(
+                f"{path} has no array named 'x' (found {list(f.keys())}); save inputs as x= and labels as y="
+            )
+        tensors = [torch.as_tensor(f["x"]).float()]
+        if "y" in f:
+            tensors.append(torch.as_tensor(f["y"]).long())
+    return TensorDataset(*tensors)
+
+
+def _image_folder(path: Path, size: int) -> Dataset:
+    from torchvision import datasets, transforms
+
+    tf = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.ToTensor()])
+    return datasets.ImageFolder(str(path), transform=tf)
+
+
+def _callable(spec: str):
+    module_name, _, attr = spec.rpartition(":")
+    try:
+        if module_name.endswith(".py"):
+            loader = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+        return getattr(module, attr)()
+    except (ImportError, AttributeError, FileNotFoundError) as err:
+        raise DataError(f"cannot load data from {spec!r}: {err}") from err
+
+
+def load_data(spec: str, split: str = "train", image_size: int = 224) -> Dataset | DataLoader:
+    """A dataset (or loader) named by ``spec``: ``digits``, a ``.npz`` file with ``x`` (and
+    ``y``), an image folder in torchvision's ImageFolder layout, or ``module:callable``."""
+    if spec == "digits":
+        return digits(split)
+    path = Path(spec)
+    if path.suffix == ".npz":
+        if not path.is_file():
+            raise DataError(f"data file {spec} not found")
+        return _npz(path)
+    if path.is_dir():
+        return _image_folder(path, image_size)
+    if ":" in spec:
+        return _callable(spec)
+    raise DataError(f"unknown data {spec!r}: give 'digits', a .npz file, an image folder, or module:callable")

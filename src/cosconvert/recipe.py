@@ -1,0 +1,74 @@
+"""Save a converted model as its recipe plus tensors; restore it onto a freshly built original.
+
+The file holds only plain data (the :func:`convert` arguments and a ``state_dict``), so
+it loads with ``torch.load(weights_only=True)`` and no code is ever unpickled. Restoring
+replays the recipe on the original architecture, which the user builds with their own code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cosconvert.convert import convert, report_of
+
+FORMAT = "cosconvert-recipe/1"
+
+
+def _atomic_save(obj, path: Path) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save(converted: nn.Module, path: str | os.PathLike) -> None:
+    """Write ``converted``'s recipe and weights to ``path`` (atomically)."""
+    settings = dict(report_of(converted).settings)
+    state = {k: v.detach().cpu() for k, v in converted.state_dict().items()}
+    _atomic_save({"format": FORMAT, "recipe": settings, "state_dict": state}, Path(path))
+
+
+def load_recipe(path: str | os.PathLike) -> dict:
+    """The file's contents (recipe and state_dict), loaded without unpickling code."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a cosconvert recipe file (expected format {FORMAT})")
+    return payload
+
+
+def _types(names):
+    if names is None:
+        return None
+    out = []
+    for name in names:
+        if ":" in name:
+            module, _, qualname = name.partition(":")
+            obj = importlib.import_module(module)
+            for part in qualname.split("."):
+                obj = getattr(obj, part)
+            out.append(obj)
+        else:
+            out.append(name)
+    return out
+
+
+def restore(original: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Re-apply the saved recipe to ``original`` (a freshly built model) and load the saved weights."""
+    payload = load_recipe(path)
+    recipe = dict(payload["recipe"])
+    recipe["include"], recipe["exclude"] = _types(recipe["include"]), _types(recipe["exclude"])
+    converted = convert(original, **recipe)
+    device = next(original.parameters(), torch.empty(0)).device
+    converted.load_state_dict({k: v.to(device) for k, v in payload["state_dict"].items()})
+    return converted
