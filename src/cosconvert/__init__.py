@@ -3,6 +3,7 @@
 from cosconvert import functional, nn
 from cosconvert.calibration import calibrate
 from cosconvert.convert import convert, inspect, report_of
+from cosconvert.onnx import export_onnx, validate
 from cosconvert.recipe import restore, save
 from cosconvert.report import ConversionReport
 

@@ -81,6 +81,7 @@ def scoped_class(cls: type[nn.Module]) -> type[nn.Module]:
     """A subclass of ``cls`` whose forward runs under :class:`CosineCalls`, with the fast
     paths of ``nn.MultiheadAttention`` and the transformer layers switched off."""
 
+    @functools.wraps(cls.forward)  # keeps the signature, which torch.export reads
     def forward(self, *args, **kwargs):
         centered, eps = self._cosine_settings
         fastpath = torch.backends.mha.get_fastpath_enabled()

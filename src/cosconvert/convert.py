@@ -64,7 +64,20 @@ UNCONVERTIBLE = {
     nn.RNNBase: "recurrent layer: its gate dot products run inside one fused op",
     nn.Bilinear: "bilinear form x1^T W x2, not a dot product with one input",
 }
-LEAVES = (*LAYERS, *NORMS, *UNCONVERTIBLE, _CosineMixin)
+LEAVES = (*LAYERS, *UNCONVERTIBLE, _CosineMixin)
+_NORM_FORWARDS = {cls.forward for cls in (*NORMS, nn.SyncBatchNorm)}
+
+
+def _is_norm(m: nn.Module) -> bool:
+    """A normalizer with its torch forward. A subclass with its own forward (torchvision's
+    channels-first LayerNorm2d) is traced through instead, so its functional call is seen."""
+    return isinstance(m, NORMS) and type(m).forward in _NORM_FORWARDS
+
+
+def _is_leaf(m: nn.Module) -> bool:
+    return isinstance(m, LEAVES) or _is_norm(m)
+
+
 STRIP_MODES = (False, "drop", "fold")
 
 # Functional normalizers: target -> (index of weight, index of bias or None, channel dim of the affine).
@@ -113,7 +126,7 @@ class _Tracer(fx.Tracer):
     layers the pass rewrites."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, LEAVES):
+        if _is_leaf(m):
             return True
         if next(m.children(), None) is not None:
             return False
@@ -140,11 +153,15 @@ def _norm_channel_dim(norm: nn.Module) -> int:
 
 def _user_location(err: BaseException) -> str:
     """The innermost frame of the user's own code in ``err``'s traceback."""
-    for frame in reversed(traceback.extract_tb(err.__traceback__)):
-        path = frame.filename.replace("\\", "/")
-        if "/torch/" not in path and "/cosconvert/" not in path:
-            return f"{frame.filename}:{frame.lineno} in {frame.name}: {(frame.line or '').strip()}"
-    return "unknown"
+    frames = traceback.extract_tb(err.__traceback__)
+    outside_fx = [f for f in frames if "/torch/fx/" not in f.filename.replace("\\", "/")]
+    user = [
+        f for f in outside_fx if "/torch/" not in f.filename.replace("\\", "/") and "/cosconvert/" not in f.filename
+    ]
+    frame = (user or outside_fx or [None])[-1]
+    return (
+        "unknown" if frame is None else f"{frame.filename}:{frame.lineno} in {frame.name}: {(frame.line or '').strip()}"
+    )
 
 
 class _Pass:
@@ -169,7 +186,7 @@ class _Pass:
     # -- modules ------------------------------------------------------------------------------
     def run(self, module: nn.Module, path: str) -> nn.Module:
         """The converted ``module`` (a new GraphModule, or ``module`` changed in place)."""
-        if isinstance(module, NORMS):
+        if _is_norm(module):
             return self.strip_leaf(module, path)
         if isinstance(module, LEAVES):
             return self.swap(module, path)
@@ -233,11 +250,11 @@ class _Pass:
     def rewrite(self, gm: fx.GraphModule, prefix: str) -> None:
         for name, m in list(gm.named_modules()):
             if name and not _inside_leaf(gm, name):
-                new = self.swap(m, _join(prefix, name)) if not isinstance(m, NORMS) else m
+                new = m if _is_norm(m) else self.swap(m, _join(prefix, name))
                 if new is not m:
                     gm.set_submodule(name, new)
         for node in list(gm.graph.nodes):
-            if node.op == "call_module" and isinstance(gm.get_submodule(node.target), NORMS):
+            if node.op == "call_module" and _is_norm(gm.get_submodule(node.target)):
                 self.strip_node(gm, node, prefix)
             elif node.op == "call_function" and node.target in TWINS:
                 self.rewrite_functional(gm, node, prefix)
@@ -409,7 +426,7 @@ def _node_path(node: fx.Node) -> str:
 def _inside_leaf(gm: nn.Module, name: str) -> bool:
     """True for a module nested in a leaf layer (an attention's out_proj): its parent converts it."""
     parts = name.split(".")
-    return any(isinstance(gm.get_submodule(".".join(parts[:i])), LEAVES) for i in range(1, len(parts)))
+    return any(_is_leaf(gm.get_submodule(".".join(parts[:i]))) for i in range(1, len(parts)))
 
 
 def _is_opaque(target) -> bool:

@@ -126,6 +126,50 @@ def _cosine_conv(input, weight, bias, stride, padding, dilation, groups, centere
     return conv_normalized(input, w_hat, bias, stride, padding, dilation, groups, centered=centered, eps=eps)
 
 
+def _explicit_padding(input: Tensor, weight: Tensor, padding, dilation) -> tuple[Tensor, list[int]]:
+    """Symmetric integer padding for the export op; an odd 'same' pad is applied to ``input`` first."""
+    dims = weight.dim() - 2
+    if padding == "valid":
+        return input, [0] * dims
+    if padding != "same":
+        return input, list(_tuple(padding, dims))
+    totals = [d * (k - 1) for k, d in zip(weight.shape[2:], _tuple(dilation, dims))]
+    if all(t % 2 == 0 for t in totals):
+        return input, [t // 2 for t in totals]
+    pads = [p for t in reversed(totals) for p in (t // 2, t - t // 2)]
+    return F.pad(input, pads), [0] * dims
+
+
+@torch.library.custom_op("cosconvert::conv_normalized", mutates_args=())
+def _conv_op(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    centered: bool,
+    eps: float,
+) -> Tensor:
+    return _conv_normalized(input, weight, bias, stride, padding, dilation, groups, centered=centered, eps=eps)
+
+
+@_conv_op.register_fake
+def _(input, weight, bias, stride, padding, dilation, groups, centered, eps):
+    return _CONV[weight.dim() - 2](input, weight, bias, stride, padding, dilation, groups)
+
+
+@torch.library.custom_op("cosconvert::linear_normalized", mutates_args=())
+def _linear_op(input: Tensor, weight: Tensor, bias: Tensor, centered: bool, eps: float) -> Tensor:
+    return _linear_normalized(input, weight, bias, centered=centered, eps=eps)
+
+
+@_linear_op.register_fake
+def _(input, weight, bias, centered, eps):
+    return F.linear(input, weight, bias)
+
+
 def conv_normalized(
     input: Tensor,
     weight: Tensor,
@@ -139,7 +183,29 @@ def conv_normalized(
     eps: float = 1e-6,
 ) -> Tensor:
     """The cosine convolution for a weight already through :func:`normalize_weight`:
-    ``conv(x, w_hat) / |x| + bias``. This is the op that ONNX export emits."""
+    ``conv(x, w_hat) / |x| + bias``. Under ``torch.export`` it is one ``cosconvert::conv_normalized``
+    op, which ONNX export turns into one ``cosconvert.CosineConv`` node."""
+    if not torch.compiler.is_exporting():
+        return _conv_normalized(input, weight, bias, stride, padding, dilation, groups, centered=centered, eps=eps)
+    dims = weight.dim() - 2
+    input, pads = _explicit_padding(input, weight, padding, dilation)
+    bias = weight.new_zeros(weight.shape[0]) if bias is None else bias
+    stride, dilation = list(_tuple(stride, dims)), list(_tuple(dilation, dims))
+    return torch.ops.cosconvert.conv_normalized(input, weight, bias, stride, pads, dilation, groups, centered, eps)
+
+
+def _conv_normalized(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: _IntOrTuple = 1,
+    padding: str | _IntOrTuple = 0,
+    dilation: _IntOrTuple = 1,
+    groups: int = 1,
+    *,
+    centered: bool = False,
+    eps: float = 1e-6,
+) -> Tensor:
     dims = weight.dim() - 2
     out = _CONV[dims](input, weight, None, stride, padding, dilation, groups)
     inv = receptive_field_inverse_norm(
@@ -162,7 +228,17 @@ def _out_dtype(input: Tensor, weight: Tensor) -> torch.dtype:
 def linear_normalized(
     input: Tensor, weight: Tensor, bias: Tensor | None = None, *, centered: bool = False, eps: float = 1e-6
 ) -> Tensor:
-    """The cosine linear layer for a weight already through :func:`normalize_weight`."""
+    """The cosine linear layer for a weight already through :func:`normalize_weight`; one
+    ``cosconvert::linear_normalized`` op under ``torch.export``."""
+    if not torch.compiler.is_exporting():
+        return _linear_normalized(input, weight, bias, centered=centered, eps=eps)
+    bias = weight.new_zeros(weight.shape[0]) if bias is None else bias
+    return torch.ops.cosconvert.linear_normalized(input, weight, bias, centered, eps)
+
+
+def _linear_normalized(
+    input: Tensor, weight: Tensor, bias: Tensor | None = None, *, centered: bool = False, eps: float = 1e-6
+) -> Tensor:
     out = F.linear(input, weight)
     with torch.autocast(input.device.type, enabled=False):
         x = input.to(_norm_dtype(input.dtype, centered))

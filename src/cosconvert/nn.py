@@ -58,6 +58,16 @@ class _CosineMixin:
     def _gain_units(self) -> int:
         return self.weight.shape[0]
 
+    prenormalized = False
+
+    @torch.no_grad()
+    def prenormalize(self) -> None:
+        """Replace the weight by its normalized form (gain folded in), for inference and export:
+        forward then skips the per-call weight normalization. Not for training."""
+        if not self.prenormalized:
+            self.weight.copy_(CF.normalize_weight(self.weight, centered=self.centered, eps=self.eps, gain=self.gain))
+            self.gain, self.prenormalized = None, True
+
     def set_gain(self, gain: str) -> None:
         """Switch the gain mode, keeping a learned gain's values where the shapes allow."""
         old = self.gain
@@ -100,6 +110,8 @@ class CosineLinear(_CosineMixin, nn.Linear):
         self._init_cosine(centered, gain, eps)
 
     def forward(self, input: Tensor) -> Tensor:
+        if self.prenormalized:
+            return CF.linear_normalized(input, self.weight, self.bias, centered=self.centered, eps=self.eps)
         return CF.cosine_linear(input, self.weight, self.bias, centered=self.centered, eps=self.eps, gain=self.gain)
 
     @classmethod
@@ -137,6 +149,9 @@ class _CosineConvNd(_CosineMixin):
         if self.padding_mode != "zeros":
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
+        if self.prenormalized:
+            args = (input, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
+            return CF.conv_normalized(*args, centered=self.centered, eps=self.eps)
         return self._cosine_conv(
             input, self.weight, self.bias, self.stride, padding, self.dilation, self.groups,
             centered=self.centered, eps=self.eps, gain=self.gain,
@@ -243,15 +258,31 @@ class CosineMultiheadAttention(_CosineMixin, nn.MultiheadAttention):
     def _gain_units(self) -> int:
         return 3 * self.embed_dim
 
-    def _project(self, x: Tensor, index: int) -> Tensor:
-        e = self.embed_dim
-        rows = slice(index * e, (index + 1) * e)
+    @torch.no_grad()
+    def prenormalize(self) -> None:
+        if self.prenormalized:
+            return
+        for index in range(3):
+            weight, _, gain = self._projection(index)
+            weight.copy_(CF.normalize_weight(weight, centered=self.centered, eps=self.eps, gain=gain))
+        self.gain, self.prenormalized = None, True
+        self.out_proj.prenormalize()
+
+    def _projection(self, index: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Weight, bias and gain of the query (0), key (1) or value (2) projection."""
+        rows = slice(index * self.embed_dim, (index + 1) * self.embed_dim)
         if self._qkv_same_embed_dim:
             weight = self.in_proj_weight[rows]
         else:
             weight = (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)[index]
         bias = None if self.in_proj_bias is None else self.in_proj_bias[rows]
         gain = None if self.gain is None else (self.gain if self.gain.numel() == 1 else self.gain[rows])
+        return weight, bias, gain
+
+    def _project(self, x: Tensor, index: int) -> Tensor:
+        weight, bias, gain = self._projection(index)
+        if self.prenormalized:
+            return CF.linear_normalized(x, weight, bias, centered=self.centered, eps=self.eps)
         return CF.cosine_linear(x, weight, bias, centered=self.centered, eps=self.eps, gain=gain)
 
     def forward(

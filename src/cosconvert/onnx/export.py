@@ -1,0 +1,171 @@
+"""Export a converted network to ONNX, each cosine layer one custom-domain node.
+
+``torch.export`` sees each cosine layer as one ``cosconvert::*_normalized`` op (see
+:mod:`cosconvert.functional`); the translation table below turns it into one
+``cosconvert.CosineConv`` / ``cosconvert.CosineLinear`` node, and the file carries the
+ops' definitions (:mod:`cosconvert.onnx.functions`) as model-local functions.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import onnx
+import onnx.inliner
+import torch
+from onnx.defs import OpSchema
+from onnxscript.values import Op
+from torch import nn
+
+from cosconvert.nn import _CosineMixin
+from cosconvert.onnx.functions import DOMAIN, VERSION, CosineConv, CosineLinear, cosconvert_domain
+
+__all__ = ["export_onnx", "freeze"]
+
+TWO_GB = 2**31
+_FLOATS = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"]
+
+
+def _schema(name: str, attributes: list[tuple[str, OpSchema.AttrType]]) -> OpSchema:
+    schema = OpSchema(
+        name, DOMAIN, VERSION,
+        inputs=[OpSchema.FormalParameter(n, "T") for n in ("X", "W", "B")],
+        outputs=[OpSchema.FormalParameter("Y", "T")],
+        type_constraints=[("T", _FLOATS, "float tensors")],
+        attributes=[OpSchema.Attribute(a, t, "") for a, t in attributes],
+    )  # fmt: skip
+    if not onnx.defs.has(name, DOMAIN):
+        onnx.defs.register_schema(schema)
+    return schema
+
+
+_A = OpSchema.AttrType
+_CONV_OP = Op(cosconvert_domain, "CosineConv", _schema("CosineConv", [
+    ("strides", _A.INTS), ("pads", _A.INTS), ("dilations", _A.INTS), ("group", _A.INT), ("centered", _A.INT),
+    ("eps", _A.FLOAT),
+]))  # fmt: skip
+_LINEAR_OP = Op(cosconvert_domain, "CosineLinear", _schema("CosineLinear", [("centered", _A.INT), ("eps", _A.FLOAT)]))
+
+
+def _conv(x, w, b, stride, padding, dilation, groups, centered, eps):
+    pads = list(padding) * 2
+    return _CONV_OP(
+        x, w, b, strides=stride, pads=pads, dilations=dilation, group=groups, centered=int(centered), eps=eps
+    )
+
+
+def _linear(x, w, b, centered, eps):
+    return _LINEAR_OP(x, w, b, centered=int(centered), eps=eps)
+
+
+TRANSLATIONS = {
+    torch.ops.cosconvert.conv_normalized.default: _conv,
+    torch.ops.cosconvert.linear_normalized.default: _linear,
+}
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` for inference: eval mode, every cosine layer's weight normalized once."""
+    frozen = copy.deepcopy(model).eval()
+    for module in frozen.modules():
+        if isinstance(module, _CosineMixin):
+            module.prenormalize()
+    return frozen
+
+
+def _add_functions(proto: onnx.ModelProto) -> None:
+    """Attach the cosine ops' definitions, with the model's own standard-opset version."""
+    version = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    used = {n.op_type for n in _all_nodes(proto.graph) if n.domain == DOMAIN}
+    for fn in (CosineConv, CosineLinear):
+        if fn.name in used:
+            fp = fn.to_function_proto()
+            del fp.opset_import[:]
+            fp.opset_import.extend([onnx.helper.make_opsetid("", version)])
+            proto.functions.append(fp)
+    if used and not any(o.domain == DOMAIN for o in proto.opset_import):
+        proto.opset_import.append(onnx.helper.make_opsetid(DOMAIN, VERSION))
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.g.node:
+                yield from _all_nodes(attr.g)
+
+
+def _write(proto: onnx.ModelProto, path: Path) -> None:
+    """Write atomically: into a temporary folder beside ``path``, then rename into place."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        large = proto.ByteSize() > TWO_GB - 2**24 if _fits_protobuf(proto) else True
+        data = f"{path.name}.data"
+        onnx.save_model(
+            proto, tmp / path.name, save_as_external_data=large, location=data, all_tensors_to_one_file=True
+        )
+        onnx.checker.check_model(str(tmp / path.name), full_check=True)
+        if large:
+            os.replace(tmp / data, path.parent / data)
+        os.replace(tmp / path.name, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fits_protobuf(proto: onnx.ModelProto) -> bool:
+    try:
+        proto.ByteSize()
+        return True
+    except ValueError:
+        return False
+
+
+def export_onnx(
+    model: nn.Module,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor,
+    path: str | os.PathLike,
+    *,
+    dynamic_batch: bool = True,
+    opset: int | None = None,
+    fp16: bool = False,
+    inline: bool = False,
+) -> Path:
+    """Export a converted ``model`` to ``path`` and return the path.
+
+    Each cosine layer becomes one ``cosconvert.CosineConv`` or ``cosconvert.CosineLinear``
+    node with its weight normalized at export; the file defines both ops as model-local
+    functions, so onnxruntime and ``onnx.reference`` run it without a plugin. ``inline=True``
+    writes the same network in standard ops only. ``fp16`` exports in float16 (norms are
+    still taken in float32 inside the ops). The batch dimension (dim 0 of every input) is
+    dynamic unless ``dynamic_batch=False``. The file passes ``onnx.checker`` (full check) and
+    is written atomically; past 2 GB the weights go to ``<name>.data`` beside it.
+    """
+    path = Path(path)
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    frozen = freeze(model)
+    if fp16:
+        frozen = frozen.half()
+        inputs = tuple(x.half() if x.is_floating_point() else x for x in inputs)
+    dynamic_shapes = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch", min=1, max=65536)
+        dynamic_shapes = tuple({0: batch} for _ in inputs)
+    program = torch.onnx.export(
+        frozen, inputs, dynamo=True, custom_translation_table=TRANSLATIONS, dynamic_shapes=dynamic_shapes,
+        opset_version=opset, optimize=True, verbose=False, report=False,
+    )  # fmt: skip
+    proto = program.model_proto
+    _add_functions(proto)
+    if inline:
+        proto = onnx.inliner.inline_local_functions(proto)
+        del proto.functions[:]
+        kept = [o for o in proto.opset_import if o.domain != DOMAIN]
+        del proto.opset_import[:]
+        proto.opset_import.extend(kept)
+    _write(proto, path)
+    return path

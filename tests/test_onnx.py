@@ -1,0 +1,137 @@
+"""Export to ONNX with custom ops, run on the real onnxruntime, and validate against PyTorch."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from onnx.reference import ReferenceEvaluator
+from test_convert import Functional
+from torch import nn
+
+import cosconvert
+from cosconvert.onnx.functions import DOMAIN
+
+
+class Conv1dNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv1d(4, 8, 5, padding=2, padding_mode="reflect"), nn.BatchNorm1d(8), nn.ReLU(),
+            nn.Conv1d(8, 8, 3, stride=2, dilation=2, groups=2), nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten(),
+        )  # fmt: skip
+        self.head = nn.Linear(8, 6)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+class Conv3dNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv3d(2, 6, 3, padding="same"), nn.GroupNorm(2, 6), nn.ReLU(),
+            nn.Conv3d(6, 6, 2, stride=2, padding=1, groups=6), nn.ReLU(), nn.AdaptiveAvgPool3d(1), nn.Flatten(),
+        )  # fmt: skip
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def encoder():
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+    return nn.Sequential(
+        nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Flatten(), nn.Linear(16 * 5, 7)
+    )
+
+
+CASES = {
+    "resnet18": (lambda: torchvision.models.resnet18(), (3, 64, 64)),
+    "mobilenet_v3_small": (lambda: torchvision.models.mobilenet_v3_small(), (3, 64, 64)),
+    "efficientnet_b0": (lambda: torchvision.models.efficientnet_b0(), (3, 64, 64)),
+    "vit_b_16": (lambda: torchvision.models.vit_b_16(), (3, 224, 224)),
+    "conv1d": (Conv1dNet, (4, 32)),
+    "conv3d": (Conv3dNet, (2, 6, 8, 8)),
+    "transformer_encoder": (encoder, (5, 16)),
+    "functional": (Functional, (3, 8, 8)),
+}
+
+
+@pytest.mark.parametrize("centered", [False, True], ids=["cosine", "centered"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_export_and_validate_on_onnxruntime(tmp_path, name, centered):
+    build, shape = CASES[name]
+    torch.manual_seed(0)
+    model = cosconvert.convert(build().eval(), centered=centered, strip_norms="fold")
+    path = cosconvert.export_onnx(model, torch.randn(2, *shape), tmp_path / "model.onnx")
+    proto = onnx.load(path)
+    assert {f.name for f in proto.functions} <= {"CosineConv", "CosineLinear"} and proto.functions
+    assert sum(n.domain == DOMAIN for n in proto.graph.node) > 0
+    report = cosconvert.validate(path, model, [torch.randn(1, *shape), torch.randn(3, *shape)], providers="auto")
+    print(report)
+    [cpu] = [r for r in report.results if r.provider == "CPUExecutionProvider"]
+    assert report.batch_sizes == [1, 3]
+    assert cpu.passed and cpu.max_rel_error <= 1e-4
+    assert cpu.top1_agreement == 100.0
+
+
+def test_inline_leaves_standard_ops_and_reference_evaluator_agrees(tmp_path):
+    model = cosconvert.convert(Conv1dNet().eval(), centered=True)
+    x = torch.randn(3, 4, 32)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    path = cosconvert.export_onnx(model, x[:1], tmp_path / "functions.onnx")
+    inlined = cosconvert.export_onnx(model, x[:1], tmp_path / "inline.onnx", inline=True)
+    proto = onnx.load(inlined)
+    assert not proto.functions and all(n.domain in ("", "ai.onnx") for n in proto.graph.node)
+    assert all(o.domain != DOMAIN for o in proto.opset_import)
+    for file in (path, inlined):
+        (out,) = ReferenceEvaluator(str(file)).run(None, {"x": x.numpy()})
+        np.testing.assert_allclose(out, expected, atol=1e-5, rtol=0)
+
+
+def test_broken_function_body_fails_and_names_the_node(tmp_path):
+    model = cosconvert.convert(Conv1dNet().eval())
+    path = cosconvert.export_onnx(model, torch.randn(1, 4, 32), tmp_path / "model.onnx")
+    proto = onnx.load(path)
+    body = next(f for f in proto.functions if f.name == "CosineConv")
+    next(n for n in body.node if n.op_type == "Sqrt").op_type = "Abs"  # the norm is now wrong
+    onnx.save(proto, tmp_path / "broken.onnx")
+    first_conv = next(n.name for n in proto.graph.node if n.op_type == "CosineConv")
+    report = cosconvert.validate(tmp_path / "broken.onnx", model, providers="CPUExecutionProvider")
+    assert not report.passed
+    assert report.results[0].first_divergence == f"{first_conv} (CosineConv)"
+    (tmp_path / "report.json").write_text(report.to_json())
+
+
+def test_fp16_export_runs_within_half_tolerance(tmp_path):
+    model = cosconvert.convert(Conv1dNet().eval())
+    path = cosconvert.export_onnx(model, torch.randn(1, 4, 32), tmp_path / "half.onnx", fp16=True)
+    report = cosconvert.validate(path, model.half(), providers="CPUExecutionProvider")
+    assert report.dtype == "float16" and report.passed, report
+
+
+def test_dynamic_batch_and_atomic_write(tmp_path):
+    model = cosconvert.convert(Conv3dNet().eval())
+    path = cosconvert.export_onnx(model, torch.randn(2, 2, 6, 8, 8), tmp_path / "m.onnx")
+    dim = onnx.load(path).graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim.dim_param and not dim.dim_value
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # no temporary left behind
+    fixed = cosconvert.export_onnx(model, torch.randn(2, 2, 6, 8, 8), tmp_path / "f.onnx", dynamic_batch=False)
+    assert onnx.load(fixed).graph.input[0].type.tensor_type.shape.dim[0].dim_value == 2
+
+
+def test_functional_model_output_is_a_cosine(tmp_path):
+    # Independent of the package's math: the exported linear layer's output is bounded like a cosine.
+    model = cosconvert.convert(nn.Sequential(nn.Linear(6, 3)), gain="none").eval()
+    path = cosconvert.export_onnx(model, torch.randn(2, 6), tmp_path / "lin.onnx")
+    x = torch.randn(4, 6)
+    (out,) = ReferenceEvaluator(str(path)).run(None, {onnx.load(path).graph.input[0].name: x.numpy()})
+    w = model.get_submodule("0").weight.detach()
+    ref = (
+        F.cosine_similarity(x[:, None, :].double(), w[None].double(), dim=-1)
+        + model.get_submodule("0").bias.detach().double()
+    )
+    np.testing.assert_allclose(out, ref.numpy(), atol=1e-6)
