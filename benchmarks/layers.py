@@ -56,7 +56,7 @@ def main() -> None:
             "ctr": lambda: cosine_conv2d(x, w, None, stride, pad, 1, groups, centered=True),
             "unfold": lambda: unfold_cosine(x, w, stride, pad, groups),
         }
-        for label, wrap in [("fwd", lambda f: f), ("fwd+bwd", lambda f: (lambda: f().sum().backward()))]:
+        for label, wrap in [("fwd", lambda f: f), ("fwd+bwd", lambda f: lambda: f().sum().backward())]:
             grad = label != "fwd"
             with torch.set_grad_enabled(grad):
                 t = compare({key: wrap(fn) for key, fn in fns.items()}, repeat=args.repeat)

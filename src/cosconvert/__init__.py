@@ -15,6 +15,8 @@ __all__ = [
     "inspect",
     "report_of",
     "calibrate",
+    "export_onnx",
+    "validate",
     "save",
     "restore",
     "ConversionReport",

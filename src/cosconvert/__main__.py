@@ -1,0 +1,5 @@
+import sys
+
+from cosconvert.cli import main
+
+sys.exit(main())
