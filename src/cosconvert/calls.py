@@ -9,6 +9,7 @@ opaque leaves (``torch.fx.wrap``) and submodules whose forward cannot be traced.
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable, Iterable
 
 import torch
@@ -53,7 +54,8 @@ class CosineCalls(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         twin = TWINS.get(func)
-        if twin is None:
+        # The cosine math itself calls F.linear/F.conv with normalized weights: leave those alone.
+        if twin is None or sys._getframe(1).f_globals.get("__name__") == CF.__name__:
             return func(*args, **kwargs)
         weight = args[1] if len(args) > 1 else kwargs["weight"]
         return twin(*args, **kwargs, centered=self.centered, eps=self.eps, gain=self._gain(weight))
