@@ -1,6 +1,6 @@
 """Time to convert resnet50 and vit_b_16, next to fx.symbolic_trace alone, side by side.
 
-    python benchmarks/convert.py [--repeat 3]
+python benchmarks/convert.py [--repeat 3]
 """
 
 import argparse
