@@ -20,13 +20,21 @@ NORM_TYPES = (
 )
 
 
+def _caller() -> str:
+    """The file that made the torch call, seen through cosconvert's pass-through mode (calls.py)."""
+    frame = sys._getframe(2)
+    while frame.f_code.co_filename.endswith(("cosconvert/calls.py", "torch/overrides.py")):
+        frame = frame.f_back
+    return frame.f_code.co_filename
+
+
 class _Spy(TorchFunctionMode):
     def __init__(self):
         super().__init__()
         self.dot_products, self.norms = [], []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        caller = sys._getframe(1).f_code.co_filename
+        caller = _caller()
         if func in DOT_PRODUCTS and not caller.endswith("cosconvert/functional.py"):
             self.dot_products.append(f"{func.__name__} from {caller}")
         if func in NORM_CALLS:

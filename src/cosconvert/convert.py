@@ -285,8 +285,7 @@ class _Pass:
     def gain_node(self, gm: fx.GraphModule, node: fx.Node, weight) -> fx.Node | None:
         """The gain for a functional call: its weight's owner's, where the weight is a cosine layer's,
         else a new parameter on ``gm`` (one per output unit where the weight's shape is known)."""
-        owner_path, _, attr = weight.target.rpartition(".") if _is_get_attr(weight) else ("", "", "")
-        owner = gm.get_submodule(owner_path) if _is_get_attr(weight) else None
+        owner_path, attr, owner = _owner(gm, weight)
         with gm.graph.inserting_before(node):
             if isinstance(owner, _CosineMixin) and attr == "weight":
                 return None if owner.gain is None else gm.graph.get_attr(_join(owner_path, "gain"))
@@ -303,8 +302,7 @@ class _Pass:
         """Run an opaque function under CosineCalls, handing it the gains of the cosine weights it gets."""
         pairs = []
         for arg in node.all_input_nodes:
-            owner_path, _, attr = arg.target.rpartition(".") if _is_get_attr(arg) else ("", "", "")
-            owner = gm.get_submodule(owner_path) if _is_get_attr(arg) else None
+            owner_path, attr, owner = _owner(gm, arg)
             if attr == "weight" and isinstance(owner, _CosineMixin) and owner.gain is not None:
                 with gm.graph.inserting_before(node):
                     pairs.append((arg, gm.graph.get_attr(_join(owner_path, "gain"))))
@@ -356,14 +354,13 @@ class _Pass:
         if not self.strip:
             return
         w_at, b_at, channel_dim = NORM_FUNCTIONS[node.target]
-        names = ("weight", "bias")
 
         def arg(index, key):
             if index is None:
                 return None
             return node.args[index] if len(node.args) > index else node.kwargs.get(key)
 
-        weight, bias = arg(w_at, names[0]), arg(b_at, names[1])
+        weight, bias = arg(w_at, "weight"), arg(b_at, "bias")
         name = _join(prefix, _node_path(node))
         if self.strip == "fold" and (weight is not None or bias is not None):
             node.target, node.args, node.kwargs = affine, (node.args[0], weight, bias, channel_dim), {}
@@ -409,6 +406,14 @@ def _fold(layer: _CosineMixin, norm: nn.Module) -> None:
 
 def _is_get_attr(node) -> bool:
     return isinstance(node, fx.Node) and node.op == "get_attr"
+
+
+def _owner(gm: fx.GraphModule, node) -> tuple[str, str, nn.Module | None]:
+    """For a ``get_attr`` node of ``a.b.weight``: ("a.b", "weight", the module a.b); else ("", "", None)."""
+    if not _is_get_attr(node):
+        return "", "", None
+    owner_path, _, attr = node.target.rpartition(".")
+    return owner_path, attr, gm.get_submodule(owner_path)
 
 
 def _fetch(gm: fx.GraphModule, target: str) -> torch.Tensor:

@@ -152,7 +152,7 @@ def _conv_op(
     centered: bool,
     eps: float,
 ) -> Tensor:
-    return _conv_normalized(input, weight, bias, stride, padding, dilation, groups, centered=centered, eps=eps)
+    return conv_normalized(input, weight, bias, stride, padding, dilation, groups, centered=centered, eps=eps)
 
 
 @_conv_op.register_fake
@@ -162,7 +162,7 @@ def _(input, weight, bias, stride, padding, dilation, groups, centered, eps):
 
 @torch.library.custom_op("cosconvert::linear_normalized", mutates_args=())
 def _linear_op(input: Tensor, weight: Tensor, bias: Tensor, centered: bool, eps: float) -> Tensor:
-    return _linear_normalized(input, weight, bias, centered=centered, eps=eps)
+    return linear_normalized(input, weight, bias, centered=centered, eps=eps)
 
 
 @_linear_op.register_fake
@@ -185,28 +185,12 @@ def conv_normalized(
     """The cosine convolution for a weight already through :func:`normalize_weight`:
     ``conv(x, w_hat) / |x| + bias``. Under ``torch.export`` it is one ``cosconvert::conv_normalized``
     op, which ONNX export turns into one ``cosconvert.CosineConv`` node."""
-    if not torch.compiler.is_exporting():
-        return _conv_normalized(input, weight, bias, stride, padding, dilation, groups, centered=centered, eps=eps)
     dims = weight.dim() - 2
-    input, pads = _explicit_padding(input, weight, padding, dilation)
-    bias = weight.new_zeros(weight.shape[0]) if bias is None else bias
-    stride, dilation = list(_tuple(stride, dims)), list(_tuple(dilation, dims))
-    return torch.ops.cosconvert.conv_normalized(input, weight, bias, stride, pads, dilation, groups, centered, eps)
-
-
-def _conv_normalized(
-    input: Tensor,
-    weight: Tensor,
-    bias: Tensor | None = None,
-    stride: _IntOrTuple = 1,
-    padding: str | _IntOrTuple = 0,
-    dilation: _IntOrTuple = 1,
-    groups: int = 1,
-    *,
-    centered: bool = False,
-    eps: float = 1e-6,
-) -> Tensor:
-    dims = weight.dim() - 2
+    if torch.compiler.is_exporting():
+        input, pads = _explicit_padding(input, weight, padding, dilation)
+        bias = weight.new_zeros(weight.shape[0]) if bias is None else bias
+        stride, dilation = list(_tuple(stride, dims)), list(_tuple(dilation, dims))
+        return torch.ops.cosconvert.conv_normalized(input, weight, bias, stride, pads, dilation, groups, centered, eps)
     out = _CONV[dims](input, weight, None, stride, padding, dilation, groups)
     inv = receptive_field_inverse_norm(
         input, weight.shape[2:], stride, padding, dilation, groups, centered=centered, eps=eps
@@ -230,15 +214,9 @@ def linear_normalized(
 ) -> Tensor:
     """The cosine linear layer for a weight already through :func:`normalize_weight`; one
     ``cosconvert::linear_normalized`` op under ``torch.export``."""
-    if not torch.compiler.is_exporting():
-        return _linear_normalized(input, weight, bias, centered=centered, eps=eps)
-    bias = weight.new_zeros(weight.shape[0]) if bias is None else bias
-    return torch.ops.cosconvert.linear_normalized(input, weight, bias, centered, eps)
-
-
-def _linear_normalized(
-    input: Tensor, weight: Tensor, bias: Tensor | None = None, *, centered: bool = False, eps: float = 1e-6
-) -> Tensor:
+    if torch.compiler.is_exporting():
+        bias = weight.new_zeros(weight.shape[0]) if bias is None else bias
+        return torch.ops.cosconvert.linear_normalized(input, weight, bias, centered, eps)
     out = F.linear(input, weight)
     with torch.autocast(input.device.type, enabled=False):
         x = input.to(_norm_dtype(input.dtype, centered))
