@@ -94,6 +94,36 @@ def test_untraceable_model_falls_back_and_says_where():
     assert dots == [] and out.shape == (2, 5)
 
 
+class Untraceable(nn.Module):
+    """Data-dependent control flow around a conv and a functional linear."""
+
+    def __init__(self, inner=None):
+        super().__init__()
+        self.inner = inner if inner is not None else nn.Conv2d(3, 4, 3, padding=1)
+        self.w = nn.Parameter(torch.randn(6, 4 * 5 * 5))
+
+    def forward(self, x):
+        y = self.inner(x)
+        if y.sum() > -1e9:  # always true, but fx cannot know
+            y = y * 1.0
+        return y if y.dim() == 2 else F.linear(y.flatten(1), self.w)
+
+
+def test_nested_fallbacks_normalize_once():
+    """Fallback scopes nest (outer and inner modules both untraceable): each dot product is
+    normalized exactly once, checked against the float64 reference."""
+    inner = Untraceable()
+    model = nn.Sequential(Untraceable(inner))  # the outer's inner is itself untraceable
+    x = torch.randn(2, 3, 5, 5)
+    conv = cosconvert.convert(model, gain="none")
+    assert len(conv.cosine_report.fallbacks) == 3
+    out, dots, _ = run_and_spy(conv, x)
+    assert dots == []
+    h = cosine_reference(x, inner.inner.weight, inner.inner.bias, padding=1)
+    h = linear_reference(h.flatten(1), inner.w)
+    torch.testing.assert_close(out.double(), h.detach(), atol=1e-5, rtol=0)
+
+
 def test_include_and_exclude():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 5))
     keep_head = cosconvert.convert(model, exclude=["3"])

@@ -59,15 +59,8 @@ CASES = {
 }
 
 
-KNOWN_BAD = pytest.mark.xfail(
-    strict=True, reason="open bug: a fallback-converted TransformerEncoder exports wrong values (issue #4 note)"
-)
-
-
 @pytest.mark.parametrize("centered", [False, True], ids=["cosine", "centered"])
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=KNOWN_BAD if n == "transformer_encoder" else ()) for n in CASES]
-)
+@pytest.mark.parametrize("name", list(CASES))
 def test_export_and_validate_on_onnxruntime(tmp_path, name, centered):
     build, shape = CASES[name]
     torch.manual_seed(0)

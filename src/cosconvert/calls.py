@@ -9,7 +9,6 @@ opaque leaves (``torch.fx.wrap``) and submodules whose forward cannot be traced.
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Callable, Iterable
 
 import torch
@@ -54,8 +53,7 @@ class CosineCalls(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         twin = TWINS.get(func)
-        # The cosine math itself calls F.linear/F.conv with normalized weights: leave those alone.
-        if twin is None or sys._getframe(1).f_globals.get("__name__") == CF.__name__:
+        if twin is None or CF.in_cosine_math():  # the cosine math's own calls stay plain
             return func(*args, **kwargs)
         weight = args[1] if len(args) > 1 else kwargs["weight"]
         return twin(*args, **kwargs, centered=self.centered, eps=self.eps, gain=self._gain(weight))

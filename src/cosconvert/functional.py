@@ -25,8 +25,10 @@ float64 (where the squares of float32 values are exact), so the cancellation in
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +47,25 @@ __all__ = [
 CONSTANT_TOL = 1e-5
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _IntOrTuple = int | Sequence[int]
+
+
+_IN_COSINE_MATH = contextvars.ContextVar("cosconvert_in_cosine_math", default=False)
+
+
+@contextlib.contextmanager
+def _cosine_math() -> Iterator[None]:
+    """Marks the plain conv/linear calls the cosine math makes itself, so that
+    :class:`cosconvert.calls.CosineCalls` (which turns plain calls into cosine ones) leaves them alone."""
+    token = _IN_COSINE_MATH.set(True)
+    try:
+        yield
+    finally:
+        _IN_COSINE_MATH.reset(token)
+
+
+def in_cosine_math() -> bool:
+    """True inside the cosine math's own conv/linear calls."""
+    return _IN_COSINE_MATH.get()
 
 
 def _norm_dtype(dtype: torch.dtype, centered: bool = False) -> torch.dtype:
@@ -115,7 +136,8 @@ def receptive_field_inverse_norm(
             sums = [(x * x).sum(2), x.sum(2)] if centered else [(x * x).sum(2)]
         if not pointwise:
             ones = x.new_ones(groups * len(sums), 1, *kernel_size)
-            window = _CONV[dims](torch.cat(sums, 1), ones, None, stride, padding, dilation, groups * len(sums))
+            with _cosine_math():
+                window = _CONV[dims](torch.cat(sums, 1), ones, None, stride, padding, dilation, groups * len(sums))
             sums = list(window.split(groups, 1))
         inv = inverse_norm(sums[0], sums[1] if centered else None, n_field, eps)
         return inv.to(_norm_dtype(input.dtype))
@@ -191,7 +213,8 @@ def conv_normalized(
         bias = weight.new_zeros(weight.shape[0]) if bias is None else bias
         stride, dilation = list(_tuple(stride, dims)), list(_tuple(dilation, dims))
         return torch.ops.cosconvert.conv_normalized(input, weight, bias, stride, pads, dilation, groups, centered, eps)
-    out = _CONV[dims](input, weight, None, stride, padding, dilation, groups)
+    with _cosine_math():
+        out = _CONV[dims](input, weight, None, stride, padding, dilation, groups)
     inv = receptive_field_inverse_norm(
         input, weight.shape[2:], stride, padding, dilation, groups, centered=centered, eps=eps
     )
@@ -217,7 +240,8 @@ def linear_normalized(
     if torch.compiler.is_exporting():
         bias = weight.new_zeros(weight.shape[0]) if bias is None else bias
         return torch.ops.cosconvert.linear_normalized(input, weight, bias, centered, eps)
-    out = F.linear(input, weight)
+    with _cosine_math():
+        out = F.linear(input, weight)
     with torch.autocast(input.device.type, enabled=False):
         x = input.to(_norm_dtype(input.dtype, centered))
         total = x.sum(-1, keepdim=True) if centered else None
