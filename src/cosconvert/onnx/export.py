@@ -9,6 +9,7 @@ ops' definitions (:mod:`cosconvert.onnx.functions`) as model-local functions.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import shutil
 import tempfile
@@ -104,7 +105,7 @@ def _write(proto: onnx.ModelProto, path: Path) -> None:
     """Write atomically: into a temporary folder beside ``path``, then rename into place."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        large = proto.ByteSize() > TWO_GB - 2**24 if _fits_protobuf(proto) else True
+        large = _weight_bytes(proto) > TWO_GB - 2**26  # protobuf cannot serialize 2 GB; leave room for the graph
         data = f"{path.name}.data"
         onnx.save_model(
             proto, tmp / path.name, save_as_external_data=large, location=data, all_tensors_to_one_file=True
@@ -117,12 +118,13 @@ def _write(proto: onnx.ModelProto, path: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _fits_protobuf(proto: onnx.ModelProto) -> bool:
-    try:
-        proto.ByteSize()
-        return True
-    except ValueError:
-        return False
+def _weight_bytes(proto: onnx.ModelProto) -> int:
+    """Size of the initializers, from their shapes (serializing a >2 GB proto to measure it would fail)."""
+    total = 0
+    for t in proto.graph.initializer:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        total += itemsize * math.prod(t.dims)
+    return total
 
 
 def export_onnx(

@@ -1,0 +1,53 @@
+"""onnxruntime CPU latency of converted networks against the originals, side by side.
+
+    python benchmarks/onnx_latency.py [--repeat 20]
+
+The original is exported with its BatchNorms (onnxruntime folds them into the convs);
+the converted one has its norms folded into the cosine layers (strip_norms="fold").
+"""
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+import torchvision
+from _timing import compare
+
+import cosconvert
+
+
+def session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=20)
+    args = parser.parse_args()
+    print(f"onnxruntime {ort.__version__}, CPUExecutionProvider, float32, 224x224\n")
+    print(f"{'model':20} {'batch':>5} {'original ms':>12} {'cosine ms':>10} {'ratio':>6}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ["resnet18", "mobilenet_v3_small"]:
+            torch.manual_seed(0)
+            model = torchvision.models.get_model(name).eval()
+            converted = cosconvert.convert(model, strip_norms="fold")
+            example = torch.randn(1, 3, 224, 224)
+            plain_path = Path(tmp) / f"{name}.onnx"
+            torch.onnx.export(model, (example,), plain_path, dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},))
+            cos_path = cosconvert.export_onnx(converted, example, Path(tmp) / f"{name}-cos.onnx")
+            plain, cos = session(plain_path), session(cos_path)
+            for batch in [1, 16]:
+                x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
+                feeds = {s: {s.get_inputs()[0].name: x} for s in (plain, cos)}
+                t = compare(
+                    {"plain": lambda: plain.run(None, feeds[plain]), "cos": lambda: cos.run(None, feeds[cos])},
+                    repeat=args.repeat,
+                )
+                print(f"{name:20} {batch:5} {t['plain'] * 1e3:12.2f} {t['cos'] * 1e3:10.2f} {t['cos'] / t['plain']:6.2f}")
+
+
+if __name__ == "__main__":
+    main()
