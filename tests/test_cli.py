@@ -1,14 +1,39 @@
-"""The installed command line, driven in a subprocess."""
+"""The installed command line, driven in subprocesses, on real files."""
 
 import json
 import subprocess
 import sys
 
+import pytest
+import torch
+import torchvision
+
+SMALL = ["--input-shape", "1,3,64,64", "--arch-kwargs", '{"num_classes": 10}']
+
+
+def cosconvert(*args, cwd=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "cosconvert", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Real model files of every kind the CLI meets."""
+    d = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    torch.save(model.state_dict(), d / "resnet18.pt")
+    torch.save(model, d / "pickled.pt")
+    torch.export.save(torch.export.export(model, (torch.randn(1, 3, 64, 64),)), d / "resnet18.pt2")
+    torch.jit.save(torch.jit.script(torch.nn.Linear(3, 2)), d / "scripted.pt")
+    (d / "truncated.pt").write_bytes((d / "resnet18.pt").read_bytes()[:50_000])
+    (d / "garbage.pt").write_bytes(b"not a model at all")
+    return d
+
 
 def test_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "cosconvert", "demo", "--out-dir", str(out), "--quiet"],
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = cosconvert("demo", "--out-dir", out, "--quiet")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((out / "report.json").read_text())
     assert summary["validation"]["passed"]
@@ -16,10 +41,115 @@ def test_demo_end_to_end(tmp_path):
     assert (out / "model.onnx").exists() and (out / "converted.pt").exists()
 
 
-def test_unwritable_output_folder_is_one_clear_error(tmp_path):
+def _check_run(proc, out):
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "report.json").read_text())
+    assert summary["validation"]["passed"] and len(summary["conversion"]["converted"]) == 21
+    assert {p.name for p in out.iterdir()} >= {"converted.pt", "model.onnx", "report.json"}
+    return summary
+
+
+def test_state_dict_with_arch(files, tmp_path):
+    out = tmp_path / "out"
+    proc = cosconvert(files / "resnet18.pt", "--arch", "torchvision.models:resnet18", *SMALL, "--strip-norms", "fold",
+                      "--out-dir", out)  # fmt: skip
+    summary = _check_run(proc, out)
+    assert len(summary["conversion"]["stripped"]) == 20
+    assert "[1/4] loaded" in proc.stderr and "files written" in proc.stdout
+    assert (files / "resnet18.pt").exists()  # the input is never touched
+
+
+def test_default_out_dir_is_beside_the_input(files, tmp_path):
+    model = tmp_path / "net.pt"
+    model.write_bytes((files / "resnet18.pt").read_bytes())
+    proc = cosconvert(model, "--arch", "torchvision.models:resnet18", *SMALL, "--quiet")
+    _check_run(proc, tmp_path / "net-cosine")
+    assert model.read_bytes() == (files / "resnet18.pt").read_bytes()
+
+
+def test_export_program(files, tmp_path):
+    out = tmp_path / "out"
+    _check_run(cosconvert(files / "resnet18.pt2", "--out-dir", out, "--quiet"), out)
+
+
+def test_pickled_module_needs_trust(files, tmp_path):
+    out = tmp_path / "out"
+    refused = cosconvert(files / "pickled.pt", "--out-dir", out)
+    assert refused.returncode == 2 and "--trust-pickle" in refused.stderr and not out.exists()
+    _check_run(cosconvert(files / "pickled.pt", "--trust-pickle", "--input-shape", "1,3,64,64", "--out-dir", out), out)
+
+
+def test_inspect_writes_nothing(files, tmp_path):
+    proc = cosconvert("inspect", files / "resnet18.pt", "--arch", "torchvision.models:resnet18", *SMALL, "--json",
+                      cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)["converted"]) == 21
+    assert list(tmp_path.iterdir()) == []
+
+
+BAD = {
+    "missing": (["missing.pt"], "not found"),
+    "garbage": (["garbage.pt", "--arch", "torchvision.models:resnet18"], "corrupt or truncated"),
+    "truncated": (["truncated.pt", "--arch", "torchvision.models:resnet18"], "corrupt or truncated"),
+    "torchscript": (["scripted.pt"], "TorchScript"),
+    "pickle": (["pickled.pt"], "--trust-pickle"),
+    "no arch": (["resnet18.pt"], "--arch"),
+    "bad arch": (["resnet18.pt", "--arch", "torchvision.models:no_such_net"], "cannot be imported"),
+    "arch form": (["resnet18.pt", "--arch", "resnet18"], "module:callable"),
+    "weights don't fit": (["resnet18.pt", "--arch", "torchvision.models:resnet34"], "do not fit"),
+    "bad shape": (
+        [
+            "resnet18.pt",
+            "--arch",
+            "torchvision.models:resnet18",
+            "--arch-kwargs",
+            '{"num_classes": 10}',
+            "--input-shape",
+            "1,7,64,64",
+        ],
+        "--input-shape",
+    ),  # fmt: skip
+    "shape syntax": (
+        ["resnet18.pt", "--arch", "torchvision.models:resnet18", "--input-shape", "1,3,x"],
+        "--input-shape",
+    ),
+    "bad data": (["resnet18.pt", "--arch", "torchvision.models:resnet18", *SMALL, "--data", "nope.npz"], "not found"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_clear_line(files, tmp_path, case):
+    args, words = BAD[case]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    proc = cosconvert(*args, "--out-dir", out, cwd=files)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cosconvert: error:") and words in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]  # the output folder is left as it was
+
+
+def test_unwritable_output_folder(files, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    proc = subprocess.run([sys.executable, "-m", "cosconvert", "demo", "--out-dir", str(blocker / "x")],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = cosconvert(
+        files / "resnet18.pt", "--arch", "torchvision.models:resnet18", *SMALL, "--out-dir", blocker / "x"
+    )
     assert proc.returncode == 3
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr and "--out-dir" in proc.stderr
+
+
+def test_debug_shows_the_traceback(files):
+    proc = cosconvert("missing.pt", "--debug", cwd=files)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_help_has_examples():
+    proc = cosconvert("--help")
+    assert (
+        proc.returncode == 0
+        and "cosconvert demo" in proc.stdout
+        and "--arch torchvision.models:resnet18" in proc.stdout
+    )

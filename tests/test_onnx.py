@@ -136,4 +136,3 @@ def test_functional_model_output_is_a_cosine(tmp_path):
         + model.get_submodule("0").bias.detach().double()
     )
     np.testing.assert_allclose(out, ref.numpy(), atol=1e-6)
-

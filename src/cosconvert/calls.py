@@ -24,6 +24,11 @@ TWINS: dict[Callable, Callable] = {
     F.conv1d: CF.cosine_conv1d,  # is torch.conv1d
     F.conv2d: CF.cosine_conv2d,
     F.conv3d: CF.cosine_conv3d,
+    # ATen spellings, as in the graphs of torch.export programs (.pt2)
+    torch.ops.aten.linear.default: CF.cosine_linear,
+    torch.ops.aten.conv1d.default: CF.cosine_conv1d,
+    torch.ops.aten.conv2d.default: CF.cosine_conv2d,
+    torch.ops.aten.conv3d.default: CF.cosine_conv3d,
 }
 
 
