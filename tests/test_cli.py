@@ -110,7 +110,7 @@ BAD = {
         "--input-shape",
     ),  # fmt: skip
     "shape syntax": (
-        ["resnet18.pt", "--arch", "torchvision.models:resnet18", "--input-shape", "1,3,x"],
+        ["resnet18.pt", "--arch", "torchvision.models:resnet18", *SMALL[2:], "--input-shape", "1,3,x"],
         "--input-shape",
     ),
     "bad data": (["resnet18.pt", "--arch", "torchvision.models:resnet18", *SMALL, "--data", "nope.npz"], "not found"),
