@@ -1,5 +1,12 @@
 """Fine-tuning on real data: label-free distillation brings the converted digits CNN back."""
 
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -54,3 +61,44 @@ def test_resume_after_interrupt_reaches_the_same_weights(tmp_path):
         run(_Interrupting(x, y, after=64 * 2 + 20), tmp_path / "cut")  # mid third epoch
     resumed = run(TensorDataset(x, y), tmp_path / "cut", resume=True)
     torch.testing.assert_close(resumed.weight, full.weight, atol=0, rtol=0)
+
+
+SCRIPT = Path(__file__).parent / "scripts" / "finetune_run.py"
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    """SIGKILL a real fine-tuning process mid-epoch, resume it, and compare with an uninterrupted run."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    full.mkdir(), cut.mkdir()
+    subprocess.run([sys.executable, SCRIPT, full], check=True, timeout=300)
+    proc = subprocess.Popen([sys.executable, SCRIPT, cut, "--slow", "0.01"])
+    ckpt = cut / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and not ckpt.exists():
+        time.sleep(0.05)
+    time.sleep(0.3)  # somewhere past the first checkpoint, mid-epoch
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists() and not (cut / "final-rank0.pt").exists()
+    interrupted_at = torch.load(ckpt, weights_only=True)
+    assert (interrupted_at["epoch"], interrupted_at["step"]) < (3, 0)
+    subprocess.run([sys.executable, SCRIPT, cut, "--resume"], check=True, timeout=300)
+    a = torch.load(full / "final-rank0.pt", weights_only=True)
+    b = torch.load(cut / "final-rank0.pt", weights_only=True)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=0, rtol=0)
+    assert {p.name for p in (cut / "checkpoints").iterdir()} == {"last.pt", "log.json", "log.csv", "curves.png"}
+
+
+def test_torchrun_two_processes(tmp_path):
+    """DDP on CPU (gloo): both ranks end with the same weights; only rank 0 writes checkpoints."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29571", SCRIPT, tmp_path]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0 = torch.load(tmp_path / "final-rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "final-rank1.pt", weights_only=True)
+    for key in r0:
+        torch.testing.assert_close(r1[key], r0[key], atol=0, rtol=0)
+    assert {p.name for p in (tmp_path / "checkpoints").iterdir()} == {"last.pt", "log.json", "log.csv", "curves.png"}
+    log = json.loads((tmp_path / "checkpoints" / "log.json").read_text())
+    assert len(log) == 3

@@ -2,26 +2,36 @@
 
 Distillation (Hinton et al., 2015) is the main road, since users have the original network
 but not always its labelled data: temperature-scaled KL divergence on logits, or MSE on
-outputs that are not class scores. Checkpoints are written atomically at every epoch end
-(and every ``checkpoint_every`` steps); ``resume=True`` continues from the last one.
+outputs that are not class scores.
+
+Checkpoints are written atomically every ``checkpoint_every`` steps and at each epoch end.
+``resume=True`` continues from the last one, mid-epoch included: the epoch's shuffling is
+replayed from the saved generator state and the batches already seen are skipped, so with
+a fixed seed a resumed run ends with the same weights as an uninterrupted one.
+
+Under ``torchrun`` (``WORLD_SIZE > 1``) training is data-parallel: DistributedDataParallel,
+a DistributedSampler, gloo on CPU and NCCL on GPU; only rank 0 logs and writes files.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from cosconvert.calibration import batch_inputs
 from cosconvert.recipe import _atomic_save
 
-__all__ = ["finetune", "distillation_loss"]
+__all__ = ["finetune", "distillation_loss", "evaluate"]
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
@@ -29,11 +39,8 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
     if student.dim() != 2 or student.shape[1] < 2:
         return F.mse_loss(student, teacher)
     t = temperature
-    return (
-        F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), log_target=True, reduction="batchmean")
-        * t
-        * t
-    )
+    kl = F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), log_target=True, reduction="batchmean")
+    return kl * t * t
 
 
 def _labels(batch):
@@ -44,12 +51,25 @@ def _labels(batch):
     return None
 
 
+def _to(batch, device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to(b, device) for b in batch)
+    return batch
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data, teacher: nn.Module | None = None) -> dict:
     """Accuracy (where batches carry labels) and top-1 agreement with ``teacher``, in percent."""
+    was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     correct = agree = count = labelled = 0
     for batch in data:
+        batch = _to(batch, device)
         inputs, y = batch_inputs(batch), _labels(batch)
         pred = model(*inputs).argmax(1)
         count += pred.shape[0]
@@ -58,12 +78,58 @@ def evaluate(model: nn.Module, data, teacher: nn.Module | None = None) -> dict:
             labelled += y.shape[0]
         if teacher is not None:
             agree += (pred == teacher.eval()(*inputs).argmax(1)).sum().item()
+    model.train(was_training)
     out = {}
     if labelled:
         out["accuracy"] = round(100.0 * correct / labelled, 2)
     if teacher is not None:
         out["teacher_agreement"] = round(100.0 * agree / count, 2)
     return out
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size), starting the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _plot(log: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [e["epoch"] for e in log]
+    metrics = [k for k in ("accuracy", "teacher_agreement") if any(k in e for e in log)]
+    fig, axes = plt.subplots(1, 1 + bool(metrics), figsize=(5 * (1 + bool(metrics)), 3.5), squeeze=False)
+    axes[0][0].plot(epochs, [e["loss"] for e in log], marker="o")
+    axes[0][0].set(xlabel="epoch", ylabel="training loss", title="loss")
+    for key in metrics:
+        axes[0][1].plot(epochs, [e.get(key) for e in log], marker="o", label=key.replace("_", " "))
+    if metrics:
+        axes[0][1].set(xlabel="epoch", ylabel="%", title="held-out data")
+        axes[0][1].legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _write_logs(log: list[dict], folder: Path) -> None:
+    (folder / ".log.json.tmp").write_text(json.dumps(log, indent=2))
+    os.replace(folder / ".log.json.tmp", folder / "log.json")
+    keys = sorted({k for e in log for k in e}, key=lambda k: (k != "epoch", k))
+    with open(folder / ".log.csv.tmp", "w", newline="") as f:
+        writer = csv.DictWriter(f, keys)
+        writer.writeheader()
+        writer.writerows(log)
+    os.replace(folder / ".log.csv.tmp", folder / "log.csv")
+    _plot(log, folder / "curves.png")
 
 
 def finetune(
@@ -74,9 +140,11 @@ def finetune(
     epochs: int = 3,
     lr: float = 1e-3,
     batch_size: int = 64,
+    optimizer: str = "adamw",
     weight_decay: float = 1e-4,
     temperature: float = 4.0,
     clip_grad: float = 1.0,
+    loss_fn=None,
     eval_data=None,
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 0,
@@ -84,62 +152,101 @@ def finetune(
     seed: int = 0,
     progress: bool = True,
 ) -> list[dict]:
-    """Train ``model`` in place with AdamW and a cosine schedule; returns the per-epoch log.
+    """Train ``model`` in place; returns the per-epoch log (loss, throughput, held-out metrics).
 
-    With a ``teacher``, the loss is distillation (plus cross-entropy where batches carry
-    labels); without one, cross-entropy on the labels.
+    With a ``teacher``, the loss is distillation (plus ``loss_fn``, cross-entropy by default,
+    where batches carry labels); without one, ``loss_fn`` on the labels. ``optimizer``:
+    ``"adamw"`` or ``"sgd"`` (momentum 0.9), both with a cosine schedule. AMP (bfloat16) on
+    CUDA. A Dataset is batched with ``batch_size``; a DataLoader's own dataset and batch size
+    are used, reshuffled with this run's seed so resuming is exact.
     """
+    rank, world = _distributed()
+    device = next(model.parameters()).device
+    dataset = data.dataset if isinstance(data, DataLoader) else data
+    batch_size = data.batch_size if isinstance(data, DataLoader) and data.batch_size else batch_size
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size, shuffle=True, generator=generator)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=seed) if world > 1 else None
+    loader = DataLoader(dataset, batch_size, shuffle=sampler is None, sampler=sampler, generator=generator)
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    params = [p for p in model.parameters() if p.requires_grad]
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs * len(loader)))
+    loss_fn = loss_fn or F.cross_entropy
+    folder = Path(checkpoint_dir) if checkpoint_dir else None
+    ckpt = folder / "last.pt" if folder else None
     log: list[dict] = []
-    start_epoch = 0
-    ckpt = Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None
-    if ckpt is not None:
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        if resume and ckpt.exists():
-            state = torch.load(ckpt, weights_only=True)
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            generator.set_state(state["generator"])
-            torch.set_rng_state(state["rng"])
-            start_epoch, log = state["epoch"], json.loads(state["log"])
+    start_epoch, skip, epoch_rng = 0, 0, generator.get_state()
+    if ckpt is not None and rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+    if resume and ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start_epoch, skip, epoch_rng = state["epoch"], state["step"], state["epoch_generator"]
+        torch.set_rng_state(state["torch_rng"])  # dropout and the like continue where they were
+        log = json.loads(state["log"])
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
+
+    def save(epoch: int, step: int, rng_state: torch.Tensor) -> None:
+        if ckpt is None or rank != 0:
+            return
+        _atomic_save({
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "epoch": epoch, "step": step, "epoch_generator": rng_state, "torch_rng": torch.get_rng_state(),
+            "log": json.dumps(log),
+        }, ckpt)  # fmt: skip
+
     for epoch in range(start_epoch, epochs):
-        model.train()
-        total, seen = 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
-        for batch in bar:
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        generator.set_state(epoch_rng)  # this epoch's shuffle, replayable on resume
+        net.train()
+        total, seen, started = 0.0, 0, time.perf_counter()
+        bar = tqdm(total=len(loader), initial=skip, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress or rank,
+                   leave=False)  # fmt: skip
+        for step, batch in enumerate(loader):
+            if step < skip:
+                continue
+            batch = _to(batch, device)
             inputs, y = batch_inputs(batch), _labels(batch)
-            out = model(*inputs)
-            loss = torch.zeros((), device=out.device)
-            if teacher is not None:
-                with torch.no_grad():
-                    target = teacher.eval()(*inputs)
-                loss = loss + distillation_loss(out, target, temperature)
-            if y is not None and (teacher is None or out.dim() == 2):
-                loss = loss + F.cross_entropy(out, y)
+            with autocast:
+                out = net(*inputs)
+                loss = torch.zeros((), device=device)
+                if teacher is not None:
+                    with torch.no_grad():
+                        target = teacher.eval()(*inputs)
+                    loss = loss + distillation_loss(out.float(), target.float(), temperature)
+                if y is not None:
+                    loss = loss + loss_fn(out.float(), y)
             opt.zero_grad()
             loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            nn.utils.clip_grad_norm_(params, clip_grad)
             opt.step()
             sched.step()
             total += loss.item() * out.shape[0]
             seen += out.shape[0]
-            bar.set_postfix(loss=f"{total / seen:.4f}")
-        entry = {"epoch": epoch + 1, "loss": round(total / max(seen, 1), 5)}
-        if eval_data is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{total / seen:.4f}", samples_s=f"{seen / (time.perf_counter() - started):.0f}")
+            if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < len(loader):
+                save(epoch, step + 1, epoch_rng)
+        bar.close()
+        skip, epoch_rng = 0, generator.get_state()
+        entry = {"epoch": epoch + 1, "loss": round(total / max(seen, 1), 5),
+                 "samples_per_s": round(seen * world / (time.perf_counter() - started), 1)}  # fmt: skip
+        if eval_data is not None and rank == 0:
             entry.update(evaluate(model, eval_data, teacher))
         log.append(entry)
-        if progress:
-            tqdm.write(json.dumps(entry))
-        if ckpt is not None:
-            _atomic_save({
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "generator": generator.get_state(), "rng": torch.get_rng_state(), "epoch": epoch + 1,
-                "log": json.dumps(log),
-            }, ckpt)  # fmt: skip
-            (ckpt.parent / "log.json").write_text(json.dumps(log, indent=2))
+        if rank == 0:
+            if progress:
+                tqdm.write(json.dumps(entry))
+            if folder is not None:
+                _write_logs(log, folder)
+        save(epoch + 1, 0, epoch_rng)
+    if world > 1:
+        dist.barrier()
     return log
