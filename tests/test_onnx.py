@@ -136,3 +136,19 @@ def test_functional_model_output_is_a_cosine(tmp_path):
         + model.get_submodule("0").bias.detach().double()
     )
     np.testing.assert_allclose(out, ref.numpy(), atol=1e-6)
+
+
+def test_external_data_file_is_written_beside_the_model(tmp_path):
+    """The >2 GB path (weights in <name>.data), taken here at a lower size so it runs in CI."""
+    from cosconvert.onnx.export import _write
+
+    model = cosconvert.convert(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).eval())
+    small = cosconvert.export_onnx(model, torch.randn(1, 64), tmp_path / "small.onnx")
+    proto = onnx.load(small)
+    out = tmp_path / "split"
+    out.mkdir()
+    _write(proto, out / "model.onnx", external_above=1024)
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx.data"]
+    assert (out / "model.onnx").stat().st_size < small.stat().st_size
+    report = cosconvert.validate(out / "model.onnx", model, providers="CPUExecutionProvider")
+    assert report.passed

@@ -28,7 +28,7 @@ from cosconvert.onnx.functions import DOMAIN, VERSION, CosineConv, CosineLinear,
 
 __all__ = ["export_onnx", "freeze"]
 
-TWO_GB = 2**31
+EXTERNAL_DATA_ABOVE = 2**31 - 2**26  # protobuf cannot serialize 2 GB; leave room for the graph
 _FLOATS = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"]
 
 
@@ -101,17 +101,21 @@ def _all_nodes(graph: onnx.GraphProto):
                 yield from _all_nodes(attr.g)
 
 
-def _write(proto: onnx.ModelProto, path: Path) -> None:
+def _write(proto: onnx.ModelProto, path: Path, external_above: int = EXTERNAL_DATA_ABOVE) -> None:
     """Write atomically: into a temporary folder beside ``path``, then rename into place."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        large = _weight_bytes(proto) > TWO_GB - 2**26  # protobuf cannot serialize 2 GB; leave room for the graph
+        large = _weight_bytes(proto) > external_above
         data = f"{path.name}.data"
         onnx.save_model(
-            proto, tmp / path.name, save_as_external_data=large, location=data, all_tensors_to_one_file=True
-        )
+            proto,
+            tmp / path.name,
+            save_as_external_data=large,
+            location=data,
+            all_tensors_to_one_file=True,
+        )  # tensors under 1 KB (shapes, axes) stay inline, where shape inference can read them
         onnx.checker.check_model(str(tmp / path.name), full_check=True)
-        if large:
+        if (tmp / data).exists():
             os.replace(tmp / data, path.parent / data)
         os.replace(tmp / path.name, path)
     finally:
