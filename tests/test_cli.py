@@ -113,6 +113,10 @@ BAD = {
         ["resnet18.pt", "--arch", "torchvision.models:resnet18", *SMALL[2:], "--input-shape", "1,3,x"],
         "--input-shape",
     ),
+    "bad device": (
+        ["resnet18.pt", "--arch", "torchvision.models:resnet18", *SMALL, "--device", "nodevice"],
+        "--device",
+    ),
     "bad data": (["resnet18.pt", "--arch", "torchvision.models:resnet18", *SMALL, "--data", "nope.npz"], "not found"),
 }
 

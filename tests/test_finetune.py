@@ -102,3 +102,25 @@ def test_torchrun_two_processes(tmp_path):
     assert {p.name for p in (tmp_path / "checkpoints").iterdir()} == {"last.pt", "log.json", "log.csv", "curves.png"}
     log = json.loads((tmp_path / "checkpoints" / "log.json").read_text())
     assert len(log) == 3
+
+
+class _Dicts(torch.utils.data.Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"input": self.x[i], "label": self.y[i]}
+
+
+def test_dict_batches_and_a_given_dataloader_train(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(128, 2, generator=g)
+    y = (x[:, 0] > 0).long()  # a separable task: the loss must fall
+    model = torch.nn.Linear(2, 2)
+    loader = DataLoader(_Dicts(x, y), batch_size=16)
+    log = finetune(model, loader, epochs=4, lr=0.05, eval_data=loader, progress=False, checkpoint_dir=tmp_path)
+    assert log[-1]["loss"] < log[0]["loss"] and log[-1]["accuracy"] > 90
+    assert (tmp_path / "log.csv").read_text().splitlines()[0].startswith("epoch,")

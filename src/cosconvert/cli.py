@@ -97,12 +97,24 @@ def _input_shape(args, model, example) -> tuple[int, ...]:
         raise CliError(str(err)) from err
 
 
+def _on_device(model, device: str | None):
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return model.to(torch.device(device))
+    except (RuntimeError, AssertionError) as err:
+        raise CliError(
+            f"--device {device} is not available here ({str(err).splitlines()[0]}); try --device cpu"
+        ) from err
+
+
 def _check_runs(model, shape) -> None:
     import torch
 
     try:
         with torch.no_grad():
-            model(torch.zeros(shape))
+            model(torch.zeros(shape, device=next(model.parameters()).device))
     except Exception as err:  # noqa: BLE001 - any failure means the shape does not fit the model
         raise CliError(
             f"the model does not run on input shape {shape}: {str(err).splitlines()[0]}; fix --input-shape"
@@ -127,7 +139,8 @@ def _convert(args, original, data):
     import cosconvert
     from cosconvert.calibration import batch_inputs
 
-    calibration = None if data is None else [batch_inputs(b)[0] for _, b in zip(range(8), data)]
+    device = next(original.parameters()).device
+    calibration = None if data is None else [batch_inputs(b)[0].to(device) for _, b in zip(range(8), data)]
     strip = args.strip_norms if args.strip_norms != "off" else False
     return cosconvert.convert(
         original, centered=args.centered, strip_norms=strip, include=args.include, exclude=args.exclude,
@@ -153,6 +166,7 @@ def cmd_run(args, steps=("convert", "finetune", "export", "validate")) -> int:
     from cosconvert.finetune import evaluate, finetune
 
     original, example = _load(args)
+    original = _on_device(original, args.device)
     shape = _input_shape(args, original, example)
     _check_runs(original, shape)
     data = _data(args)
@@ -192,7 +206,8 @@ def cmd_run(args, steps=("convert", "finetune", "export", "validate")) -> int:
     onnx_path = out / "model.onnx"
     if "export" in steps:
         say("exporting to ONNX" + (" (fp16)" if args.fp16 else ""))
-        cosconvert.export_onnx(converted, torch.randn(shape), onnx_path, fp16=args.fp16, inline=args.inline)
+        example_input = torch.randn(shape, device=next(converted.parameters()).device)
+        cosconvert.export_onnx(converted, example_input, onnx_path, fp16=args.fp16, inline=args.inline)
         summary["files"].append(str(onnx_path))
     passed = True
     if "validate" in steps:
@@ -323,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--distill", action=argparse.BooleanOptionalAction, default=True, help="learn from the original (default)"
     )
     model.add_argument("--resume", action="store_true", help="continue fine-tuning from the last checkpoint")
+    model.add_argument(
+        "--device", default=None, help="where to convert and train, e.g. cpu or cuda (default: cuda if present)"
+    )
     model.add_argument(
         "--providers", default="auto", help="onnxruntime providers (default auto: GPU ones that load, then CPU)"
     )

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 from tqdm.auto import tqdm
 
 from cosconvert.calibration import batch_inputs
@@ -162,12 +162,18 @@ def finetune(
     """
     rank, world = _distributed()
     device = next(model.parameters()).device
-    dataset = data.dataset if isinstance(data, DataLoader) else data
-    batch_size = data.batch_size if isinstance(data, DataLoader) and data.batch_size else batch_size
+    given = data if isinstance(data, DataLoader) else None
+    dataset = given.dataset if given is not None else data
+    batch_size = given.batch_size if given is not None and given.batch_size else batch_size
+    collate = given.collate_fn if given is not None else None
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=seed) if world > 1 else None
-    loader = DataLoader(dataset, batch_size, shuffle=sampler is None, sampler=sampler, generator=generator)
+    if isinstance(dataset, IterableDataset):  # a stream: used as given (no reshuffling, resume restarts the epoch)
+        sampler, loader = None, given if given is not None else DataLoader(dataset, batch_size)
+    else:
+        sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=seed) if world > 1 else None
+        loader = DataLoader(dataset, batch_size, shuffle=sampler is None, sampler=sampler, generator=generator,
+                            collate_fn=collate)  # fmt: skip
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     params = [p for p in model.parameters() if p.requires_grad]
     if optimizer == "sgd":
