@@ -133,7 +133,8 @@ def receptive_field_inverse_norm(
             sums = [x * x, x] if centered else [x * x]
         else:
             x = x.reshape(n, groups, c // groups, *x.shape[2:])
-            sums = [(x * x).sum(2), x.sum(2)] if centered else [(x * x).sum(2)]
+            sum_sq = torch.linalg.vecdot(x, x, dim=2)  # one fused pass: no x * x temporary
+            sums = [sum_sq, x.sum(2)] if centered else [sum_sq]
         if not pointwise:
             ones = x.new_ones(groups * len(sums), 1, *kernel_size)
             with _cosine_math():
@@ -245,7 +246,7 @@ def linear_normalized(
     with torch.autocast(input.device.type, enabled=False):
         x = input.to(_norm_dtype(input.dtype, centered))
         total = x.sum(-1, keepdim=True) if centered else None
-        inv = inverse_norm((x * x).sum(-1, keepdim=True), total, x.shape[-1], eps)
+        inv = inverse_norm(torch.linalg.vecdot(x, x).unsqueeze(-1), total, x.shape[-1], eps)
         inv = inv.to(_norm_dtype(input.dtype))
     out = (out * inv).to(_out_dtype(input, weight))
     return out if bias is None else out + bias.to(out.dtype)
