@@ -70,6 +70,8 @@ def test_export_and_validate_on_onnxruntime(tmp_path, name, centered):
     custom = {n.op_type for n in proto.graph.node if n.domain == DOMAIN}
     assert custom and custom <= {"CosineConv", "CosineLinear"}
     assert {f.name for f in proto.functions} == custom  # every custom op carries its body
+    norm_ops = {"ReduceSum", "ReduceSumSquare", "ReduceL2", "Sqrt", "Reciprocal"}
+    assert not norm_ops & {n.op_type for n in proto.graph.node}  # weights were normalized once, at export
     report = cosconvert.validate(path, model, [torch.randn(1, *shape), torch.randn(3, *shape)], providers="auto")
     print(report)
     [cpu] = [r for r in report.results if r.provider == "CPUExecutionProvider"]

@@ -417,6 +417,7 @@ def _owner(gm: fx.GraphModule, node) -> tuple[str, str, nn.Module | None]:
 
 
 def _fetch(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    """The tensor a ``get_attr`` target names (``"a.b.weight"``)."""
     owner, _, attr = target.rpartition(".")
     return getattr(gm.get_submodule(owner), attr)
 
