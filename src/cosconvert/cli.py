@@ -78,7 +78,7 @@ def _load(args: argparse.Namespace):
         raise CliError(str(err)) from err
 
 
-def _input_shape(args, model, example) -> tuple[int, ...]:
+def _input_shape(args, model, example, data=None) -> tuple[int, ...]:
     from cosconvert.load import LoadError, infer_input_shape
 
     if args.input_shape:
@@ -91,6 +91,10 @@ def _input_shape(args, model, example) -> tuple[int, ...]:
         return shape
     if example:
         return tuple(example[0].shape)
+    if data is not None:
+        from cosconvert.calibration import batch_inputs
+
+        return (1, *batch_inputs(next(iter(data)))[0].shape[1:])
     try:
         return infer_input_shape(model)
     except LoadError as err:
@@ -167,9 +171,9 @@ def cmd_run(args, steps=("convert", "finetune", "export", "validate")) -> int:
 
     original, example = _load(args)
     original = _on_device(original, args.device)
-    shape = _input_shape(args, original, example)
-    _check_runs(original, shape)
     data = _data(args)
+    shape = _input_shape(args, original, example, data)
+    _check_runs(original, shape)
     out = _out_dir(args)
     todo = ["load"] + [s for s in steps if s != "finetune" or (args.epochs > 0 and data is not None)]
     say = _Steps(len(todo), args.quiet)
@@ -329,7 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--exclude", action="append", help="keep layers matching this name glob as they are (repeatable)"
     )
     model.add_argument("--gain", choices=["channel", "scalar", "none"], default="channel")
-    model.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224 (default: inferred)")
+    model.add_argument(
+        "--input-shape", help="example input shape, e.g. 1,3,224,224 (default: from --data, else inferred)"
+    )
     model.add_argument("--data", help="digits, a .npz with x (and y), an image folder, or module:callable")
     model.add_argument("--epochs", type=int, default=0, help="fine-tuning epochs (default 0: none)")
     model.add_argument("--lr", type=float, default=1e-3)
