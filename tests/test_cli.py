@@ -117,6 +117,10 @@ BAD = {
         ["resnet18.pt", "--arch", "torchvision.models:resnet18", *SMALL, "--device", "nodevice"],
         "--device",
     ),
+    "epochs without data": (
+        ["resnet18.pt", "--arch", "torchvision.models:resnet18", *SMALL, "--epochs", "2"],
+        "--data",
+    ),
     "bad data": (["resnet18.pt", "--arch", "torchvision.models:resnet18", *SMALL, "--data", "nope.npz"], "not found"),
 }
 

@@ -172,6 +172,10 @@ def cmd_run(args, steps=("convert", "finetune", "export", "validate")) -> int:
     original, example = _load(args)
     original = _on_device(original, args.device)
     data = _data(args)
+    if "finetune" in steps and args.epochs > 0 and data is None:
+        raise CliError(
+            f"fine-tuning for --epochs {args.epochs} needs data: give --data (digits, a .npz, an image folder or module:callable)"
+        )
     shape = _input_shape(args, original, example, data)
     _check_runs(original, shape)
     out = _out_dir(args)
@@ -194,6 +198,7 @@ def cmd_run(args, steps=("convert", "finetune", "export", "validate")) -> int:
         report = converted.cosine_report
     summary["conversion"] = report.to_dict()
     if data is not None:
+        summary["accuracy_original"] = evaluate(original, data)
         summary["accuracy_before"] = evaluate(converted, data, original)
     if "finetune" in todo:
         say(f"fine-tuning for {args.epochs} epochs" + (" by distillation" if args.distill else " with labels"))
@@ -219,7 +224,13 @@ def cmd_run(args, steps=("convert", "finetune", "export", "validate")) -> int:
             raise CliError(f"no ONNX file at {onnx_path}: run `cosconvert export` first, or give --out-dir")
         say("validating the ONNX file against PyTorch")
         reference = converted.half() if args.fp16 else converted
-        batches = [torch.randn(1, *shape[1:]), torch.randn(3, *shape[1:])]
+        if data is not None:  # real inputs make the top-1 agreement mean something
+            from cosconvert.calibration import batch_inputs
+
+            real = batch_inputs(next(iter(data)))[0]
+            batches = [real[:1], real[:3]]
+        else:
+            batches = [torch.randn(1, *shape[1:]), torch.randn(3, *shape[1:])]
         validation = cosconvert.validate(onnx_path, reference, batches, providers=args.providers)
         summary["validation"] = validation.to_dict()
         passed = validation.passed
@@ -245,8 +256,10 @@ def _print_summary(summary: dict) -> None:
     conv = summary["conversion"]
     print(f"layers converted: {len(conv['converted'])}, skipped: {len(conv['skipped'])}, "
           f"normalizers stripped: {len(conv['stripped'])}, fallbacks: {len(conv['fallbacks'])}")  # fmt: skip
+    if "accuracy_original" in summary:
+        print(f"original:           {summary['accuracy_original']}")
     if "accuracy_before" in summary:
-        print(f"before fine-tuning: {summary['accuracy_before']}")
+        print(f"converted:          {summary['accuracy_before']}")
     if "accuracy_after" in summary:
         print(f"after fine-tuning:  {summary['accuracy_after']}")
     for r in summary.get("validation", {}).get("results", []):
