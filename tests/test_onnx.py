@@ -154,3 +154,18 @@ def test_external_data_file_is_written_beside_the_model(tmp_path):
     assert (out / "model.onnx").stat().st_size < small.stat().st_size
     report = cosconvert.validate(out / "model.onnx", model, providers="CPUExecutionProvider")
     assert report.passed
+
+
+@pytest.mark.slow
+def test_model_over_2gb_exports_with_external_data(tmp_path):
+    """A real 2.15 GB network (one 23200x23200 cosine layer): weights go to model.onnx.data and the
+    pair validates on onnxruntime. About 50 s and 11 GB of memory here."""
+    torch.manual_seed(0)
+    model = cosconvert.convert(nn.Sequential(nn.Linear(23200, 23200)))
+    path = cosconvert.export_onnx(model, torch.randn(1, 23200), tmp_path / "model.onnx")
+    files = {p.name: p.stat().st_size for p in tmp_path.iterdir()}
+    assert set(files) == {"model.onnx", "model.onnx.data"}
+    assert files["model.onnx.data"] > 2**31 and files["model.onnx"] < 2**20
+    report = cosconvert.validate(path, model, [torch.randn(1, 23200), torch.randn(3, 23200)], repeat=1,
+                                 providers="CPUExecutionProvider")  # fmt: skip
+    assert report.passed
