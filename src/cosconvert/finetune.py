@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -249,7 +250,7 @@ def finetune(
         log.append(entry)
         if rank == 0:
             if progress:
-                tqdm.write(json.dumps(entry))
+                tqdm.write(json.dumps(entry), file=sys.stderr)
             if folder is not None:
                 _write_logs(log, folder)
         save(epoch + 1, 0, epoch_rng)
