@@ -27,7 +27,7 @@ from torch import nn
 from cosconvert import functional as CF
 from cosconvert.convert import _fetch
 from cosconvert.nn import _CosineMixin
-from cosconvert.onnx.functions import DOMAIN, VERSION, CosineConv, CosineLinear, cosconvert_domain
+from cosconvert.onnx.functions import DOMAIN, VERSION, cosconvert_domain, function_protos
 
 __all__ = ["export_onnx", "freeze"]
 
@@ -121,12 +121,7 @@ def _add_functions(proto: onnx.ModelProto) -> None:
     """Attach the cosine ops' definitions, with the model's own standard-opset version."""
     version = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     used = {n.op_type for n in _all_nodes(proto.graph) if n.domain == DOMAIN}
-    for fn in (CosineConv, CosineLinear):
-        if fn.name in used:
-            fp = fn.to_function_proto()
-            del fp.opset_import[:]
-            fp.opset_import.extend([onnx.helper.make_opsetid("", version)])
-            proto.functions.append(fp)
+    proto.functions.extend(fp for name, fp in function_protos(version).items() if name in used)
     if used and not any(o.domain == DOMAIN for o in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid(DOMAIN, VERSION))
 

@@ -10,6 +10,8 @@ The model carries these definitions as model-local functions, so any runtime wit
 fused kernel runs the node as its body. Norms are taken in float32 whatever X's type.
 """
 
+import onnx
+import onnx.inliner
 from onnxscript import FLOAT, script
 from onnxscript import opset18 as op
 from onnxscript.values import Opset
@@ -18,6 +20,21 @@ DOMAIN = "cosconvert"
 VERSION = 1
 cosconvert_domain = Opset(DOMAIN, VERSION)
 CONSTANT_TOL = 1e-5  # as cosconvert.functional.CONSTANT_TOL
+
+
+@script(cosconvert_domain, default_opset=op)
+def InverseNorm(sum_sq, total, n, centered: int, eps: float):
+    """``1 / max(|x|, eps)`` of fields from their sums of squares, or (centered) ``1 / max(|x - mean|, eps)``
+    from their sums too, 0 where a centered field is constant: :func:`cosconvert.functional.inverse_norm`.
+    Written once here and inlined into both ops' bodies (:func:`function_protos`)."""
+    c = op.CastLike(op.Constant(value_int=centered), sum_sq)
+    energy = sum_sq - c * total * total / n
+    floor = op.CastLike(op.Constant(value_float=eps), sum_sq)
+    return op.Where(
+        energy > op.CastLike(CONSTANT_TOL, sum_sq) * sum_sq,
+        op.Reciprocal(op.Sqrt(op.Max(energy, floor * floor))),
+        op.CastLike(0.0, sum_sq),
+    )
 
 
 @script(cosconvert_domain, default_opset=op)
@@ -38,14 +55,7 @@ def CosineConv(
     window_sq = op.Conv(sum_sq, ones, strides=strides, pads=pads, dilations=dilations, group=group)
     window = op.Conv(total, ones, strides=strides, pads=pads, dilations=dilations, group=group)
     n = op.CastLike(op.ReduceProd(op.Shape(W, start=1), keepdims=0), x)
-    c = op.CastLike(op.Constant(value_int=centered), x)
-    energy = window_sq - c * window * window / n
-    floor = op.CastLike(op.Constant(value_float=eps), x)
-    inv = op.Where(
-        energy > op.CastLike(CONSTANT_TOL, x) * window_sq,
-        op.Reciprocal(op.Sqrt(op.Max(energy, floor * floor))),
-        op.CastLike(0.0, x),
-    )
+    inv = InverseNorm(window_sq, window, n, centered=centered, eps=eps)
     y = op.Conv(X, W, strides=strides, pads=pads, dilations=dilations, group=group)
     out_spatial = op.Shape(y, start=2)
     yg = op.Reshape(y, op.Concat(n_batch, groups, op.Constant(value_ints=[-1]), out_spatial, axis=0))
@@ -63,13 +73,29 @@ def CosineLinear(X, W, B, centered: int, eps: float):
     sum_sq = op.ReduceSum(x * x, last, keepdims=1)
     total = op.ReduceSum(x, last, keepdims=1)
     n = op.CastLike(op.Shape(x, start=-1), x)
-    c = op.CastLike(op.Constant(value_int=centered), x)
-    energy = sum_sq - c * total * total / n
-    floor = op.CastLike(op.Constant(value_float=eps), x)
-    inv = op.Where(
-        energy > op.CastLike(CONSTANT_TOL, x) * sum_sq,
-        op.Reciprocal(op.Sqrt(op.Max(energy, floor * floor))),
-        op.CastLike(0.0, x),
-    )
+    inv = InverseNorm(sum_sq, total, n, centered=centered, eps=eps)
     y = op.MatMul(X, op.Transpose(W, perm=[1, 0]))
     return op.CastLike(op.Cast(y, to=FLOAT.dtype) * inv, X) + B
+
+
+def function_protos(opset_version: int) -> dict[str, onnx.FunctionProto]:
+    """The ops' FunctionProtos for a model of the given standard opset, with :func:`InverseNorm`
+    inlined into each body, so the file needs no nested function calls (onnx's reference
+    evaluator cannot run those)."""
+    functions = [fn.to_function_proto() for fn in (CosineConv, CosineLinear, InverseNorm)]
+    for fp in functions:
+        del fp.opset_import[:]
+        fp.opset_import.extend([onnx.helper.make_opsetid("", opset_version), onnx.helper.make_opsetid(DOMAIN, VERSION)])
+    holder = onnx.helper.make_model(
+        onnx.helper.make_graph([], "functions", [], []),
+        opset_imports=[onnx.helper.make_opsetid("", opset_version), onnx.helper.make_opsetid(DOMAIN, VERSION)],
+        functions=functions,
+    )
+    inlined = onnx.inliner.inline_selected_functions(holder, [(DOMAIN, InverseNorm.name)])
+    out = {}
+    for fp in inlined.functions:
+        kept = [o for o in fp.opset_import if o.domain != DOMAIN]
+        del fp.opset_import[:]
+        fp.opset_import.extend(kept)
+        out[fp.name] = fp
+    return out
