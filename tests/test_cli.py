@@ -1,12 +1,16 @@
 """The installed command line, driven in subprocesses, on real files."""
 
+import importlib.util
 import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torchvision
+
+import cosconvert as cosconvert_api
 
 SMALL = ["--input-shape", "1,3,64,64", "--arch-kwargs", '{"num_classes": 10}']
 
@@ -179,17 +183,41 @@ class Net(nn.Module):
 """
 
 
-def test_own_file_arch_safetensors_and_step_by_step_subcommands(tmp_path):
-    """A user's net.py:Net with safetensors weights, taken one subcommand at a time, fine-tuned on digits."""
+def _load_net(folder, **kwargs):
+    """A fresh Net from the net.py the test wrote into ``folder``, as the CLI's --arch builds it."""
+    spec = importlib.util.spec_from_file_location("net", folder / "net.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.Net(**kwargs)
+
+
+def _sklearn_digits():
+    """Digits straight from scikit-learn, scaled as the CLI's `digits` data is: (N, 1, 8, 8) in [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    return torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0, torch.tensor(bunch.target)
+
+
+@torch.no_grad()
+def _accuracy(model, x, y):
+    return round(100.0 * (model(x).argmax(1) == y).float().mean().item(), 2)
+
+
+def _user_net(folder, width):
+    """A user's net.py with its weights saved as safetensors; returns the net whose weights were saved."""
     from safetensors.torch import save_file
 
-    (tmp_path / "net.py").write_text(NET_PY)
-    sys.path.insert(0, str(tmp_path))
-    try:
-        from net import Net
-    finally:
-        sys.path.remove(str(tmp_path))
-    save_file(Net(width=12).state_dict(), tmp_path / "net.safetensors")
+    (folder / "net.py").write_text(NET_PY)
+    torch.manual_seed(0)
+    net = _load_net(folder, width=width).eval()
+    save_file(net.state_dict(), folder / "net.safetensors")
+    return net
+
+
+def test_own_file_arch_safetensors_and_step_by_step_subcommands(tmp_path):
+    """A user's net.py:Net with safetensors weights, taken one subcommand at a time, fine-tuned on digits."""
+    _user_net(tmp_path, width=12)
     common = ["--arch", "net.py:Net", "--arch-kwargs", '{"width": 12}', "--out-dir", "out", "--quiet"]
     data = ["--data", "digits", "--strip-norms", "fold"]
     steps = [
@@ -204,8 +232,32 @@ def test_own_file_arch_safetensors_and_step_by_step_subcommands(tmp_path):
     out = tmp_path / "out"
     summary = json.loads((out / "report.json").read_text())  # the last step's (validate)
     assert summary["validation"]["passed"] and summary["input_shape"] == [1, 1, 8, 8]
-    assert {"converted.pt", "model.onnx", "report.json", "checkpoints"} <= {p.name for p in out.iterdir()}
+    # accuracy is measured on digits' held-out test split (every 4th sample), never on what was trained on
+    assert summary["evaluated_on"].startswith("digits test split")
+    converted = cosconvert_api.restore(_load_net(tmp_path, width=12), out / "converted.pt").eval()
+    x, y = _sklearn_digits()
+    held_out_accuracy = _accuracy(converted, x[::4], y[::4])
+    assert summary["accuracy_before"]["accuracy"] == held_out_accuracy  # the validate step's, of the saved model
     log = json.loads((out / "checkpoints" / "log.json").read_text())
+    assert log[-1]["accuracy"] == held_out_accuracy  # fine-tuning's own per-epoch figure
+    assert {"converted.pt", "model.onnx", "report.json", "checkpoints"} <= {p.name for p in out.iterdir()}
     # trained with labels on digits: a one-conv net learns slowly, but above chance (10 %) and downhill
     assert len(log) == 2 and log[-1]["loss"] < log[0]["loss"] and log[-1]["accuracy"] > 15
     assert (out / "checkpoints" / "curves.png").stat().st_size > 1000
+
+
+def test_accuracy_on_npz_is_measured_on_held_out_samples(tmp_path):
+    """With a user's .npz, every 10th sample is held out of calibration and measured on, and the report says so."""
+    net = _user_net(tmp_path, width=6)
+    x, y = _sklearn_digits()
+    x, y = x[:200], y[:200]
+    np.savez(tmp_path / "mine.npz", x=x.numpy(), y=y.numpy())
+    proc = cosconvert("convert", "net.safetensors", "--arch", "net.py:Net", "--arch-kwargs", '{"width": 6}',
+                      "--data", "mine.npz", "--out-dir", "out", "--quiet", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert "every 10th sample of mine.npz" in summary["evaluated_on"] and "(20 samples)" in summary["evaluated_on"]
+    assert summary["accuracy_original"]["accuracy"] == _accuracy(net, x[::10], y[::10])
+    converted = cosconvert_api.restore(_load_net(tmp_path, width=6), tmp_path / "out" / "converted.pt").eval()
+    assert summary["accuracy_before"]["accuracy"] == _accuracy(converted, x[::10], y[::10])
+

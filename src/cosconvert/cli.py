@@ -126,17 +126,15 @@ def _check_runs(model, shape) -> None:
 
 
 def _data(args):
+    """(loader to calibrate and fine-tune on, loader to measure on, what the second is), or Nones without --data."""
     if not args.data:
-        return None
-    from torch.utils.data import DataLoader
-
-    from cosconvert.data import DataError, load_data
+        return None, None, None
+    from cosconvert.data import DataError, held_out_split
 
     try:
-        data = load_data(args.data)
+        return held_out_split(args.data, args.batch_size)
     except DataError as err:
         raise CliError(str(err)) from err
-    return data if isinstance(data, DataLoader) else DataLoader(data, batch_size=args.batch_size)
 
 
 def _convert(args, original, data):
@@ -171,7 +169,7 @@ def cmd_run(args, steps=("convert", "finetune", "export", "validate")) -> int:
 
     original, example = _load(args)
     original = _on_device(original, args.device)
-    data = _data(args)
+    data, held_out, evaluated_on = _data(args)
     if "finetune" in steps and args.epochs > 0 and data is None:
         raise CliError(
             f"fine-tuning for --epochs {args.epochs} needs data: give --data (digits, a .npz, an image folder or module:callable)"
@@ -198,15 +196,16 @@ def cmd_run(args, steps=("convert", "finetune", "export", "validate")) -> int:
         report = converted.cosine_report
     summary["conversion"] = report.to_dict()
     if data is not None:
-        summary["accuracy_original"] = evaluate(original, data)
-        summary["accuracy_before"] = evaluate(converted, data, original)
+        summary["evaluated_on"] = evaluated_on
+        summary["accuracy_original"] = evaluate(original, held_out)
+        summary["accuracy_before"] = evaluate(converted, held_out, original)
     if "finetune" in todo:
         say(f"fine-tuning for {args.epochs} epochs" + (" by distillation" if args.distill else " with labels"))
-        log = finetune(converted, data.dataset, teacher=original if args.distill else None, epochs=args.epochs,
-                       lr=args.lr, batch_size=args.batch_size, eval_data=data, checkpoint_dir=out / "checkpoints",
+        log = finetune(converted, data, teacher=original if args.distill else None, epochs=args.epochs,
+                       lr=args.lr, eval_data=held_out, checkpoint_dir=out / "checkpoints",
                        resume=args.resume, progress=not args.quiet)  # fmt: skip
         summary["finetune"] = log
-        summary["accuracy_after"] = evaluate(converted, data, original)
+        summary["accuracy_after"] = evaluate(converted, held_out, original)
         if (out / "checkpoints" / "curves.png").exists():
             summary["files"].append(str(out / "checkpoints" / "curves.png"))
     if "convert" in steps or "finetune" in todo:
@@ -227,7 +226,7 @@ def cmd_run(args, steps=("convert", "finetune", "export", "validate")) -> int:
         if data is not None:  # real inputs make the top-1 agreement mean something
             from cosconvert.calibration import batch_inputs
 
-            real = batch_inputs(next(iter(data)))[0]
+            real = batch_inputs(next(iter(held_out)))[0]
             batches = [real[:1], real[:3]]
         else:
             batches = [torch.randn(1, *shape[1:]), torch.randn(3, *shape[1:])]
@@ -256,7 +255,8 @@ def _print_summary(summary: dict) -> None:
     conv = summary["conversion"]
     print(f"layers converted: {len(conv['converted'])}, skipped: {len(conv['skipped'])}, "
           f"normalizers stripped: {len(conv['stripped'])}, fallbacks: {len(conv['fallbacks'])}")  # fmt: skip
-    if "accuracy_original" in summary:
+    if "evaluated_on" in summary:
+        print(f"accuracy measured on {summary['evaluated_on']}")
         print(f"original:           {summary['accuracy_original']}")
     if "accuracy_before" in summary:
         print(f"converted:          {summary['accuracy_before']}")

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
 
-__all__ = ["digits", "load_data", "DataError"]
+__all__ = ["digits", "load_data", "held_out_split", "DataError"]
+
+HOLD_OUT_EVERY = 10  # a user's dataset: every 10th sample is held out from fine-tuning and measured on
 
 
 class DataError(ValueError):
@@ -79,3 +81,33 @@ def load_data(spec: str, split: str = "train", image_size: int = 224) -> Dataset
     if ":" in spec:
         return _callable(spec)
     raise DataError(f"unknown data {spec!r}: give 'digits', a .npz file, an image folder, or module:callable")
+
+
+def _loader_like(loader: DataLoader, dataset: Dataset) -> DataLoader:
+    return DataLoader(dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn)
+
+
+def held_out_split(spec: str, batch_size: int = 64) -> tuple[DataLoader, DataLoader, str]:
+    """Loaders for the data named by ``spec``, one to calibrate and fine-tune on and one to measure
+    accuracy on, which never share a sample, and what the second one is, in words.
+
+    ``digits`` uses its own test split; any other sized dataset holds out every
+    ``HOLD_OUT_EVERY``-th sample (a fixed choice, so runs compare). A stream cannot be split:
+    both loaders are the stream, and the words say that accuracy is measured on training data."""
+    if spec == "digits":
+        train, test = digits("train"), digits("test")
+        return DataLoader(train, batch_size), DataLoader(test, batch_size), f"digits test split ({len(test)} samples)"
+    data = load_data(spec)
+    loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size)
+    dataset = loader.dataset
+    if isinstance(dataset, IterableDataset):
+        return loader, loader, "the training data itself (a stream cannot be split)"
+    size = len(dataset)
+    if size < HOLD_OUT_EVERY:
+        raise DataError(f"{spec} has {size} samples; give at least {HOLD_OUT_EVERY} so some can be held out")
+    held = [i for i in range(size) if i % HOLD_OUT_EVERY == 0]
+    kept = [i for i in range(size) if i % HOLD_OUT_EVERY]
+    words = (
+        f"every {HOLD_OUT_EVERY}th sample of {spec}, held out from calibration and fine-tuning ({len(held)} samples)"
+    )
+    return _loader_like(loader, Subset(dataset, kept)), _loader_like(loader, Subset(dataset, held)), words
