@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from broken import spoil_cosine_conv
 
 import cosconvert as cosconvert_api
 
@@ -261,3 +262,19 @@ def test_accuracy_on_npz_is_measured_on_held_out_samples(tmp_path):
     converted = cosconvert_api.restore(_load_net(tmp_path, width=6), tmp_path / "out" / "converted.pt").eval()
     assert summary["accuracy_before"]["accuracy"] == _accuracy(converted, x[::10], y[::10])
 
+
+def test_validate_fails_on_a_wrong_onnx_file(tmp_path):
+    """`cosconvert validate` on a file whose CosineConv body was edited: exit 1, one line on stderr."""
+    _user_net(tmp_path, width=6)
+    common = ["net.safetensors", "--arch", "net.py:Net", "--arch-kwargs", '{"width": 6}', "--input-shape", "1,1,8,8",
+              "--out-dir", "out", "--quiet"]  # fmt: skip
+    for command in ("convert", "export"):
+        assert cosconvert(command, *common, cwd=tmp_path).returncode == 0
+    onnx_path = tmp_path / "out" / "model.onnx"
+    spoil_cosine_conv(onnx_path, onnx_path)
+    proc = cosconvert("validate", *common, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cosconvert: error:") and "tolerance" in lines[0], proc.stderr
+    summary = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert not summary["validation"]["passed"]

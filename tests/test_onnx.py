@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from broken import spoil_cosine_conv
 from onnx.reference import ReferenceEvaluator
 from test_convert import Functional
 from torch import nn
@@ -98,11 +99,7 @@ def test_inline_leaves_standard_ops_and_reference_evaluator_agrees(tmp_path):
 def test_broken_function_body_fails_and_names_the_node(tmp_path):
     model = cosconvert.convert(Conv1dNet().eval())
     path = cosconvert.export_onnx(model, torch.randn(1, 4, 32), tmp_path / "model.onnx")
-    proto = onnx.load(path)
-    body = next(f for f in proto.functions if f.name == "CosineConv")
-    next(n for n in body.node if n.op_type == "Sqrt").op_type = "Abs"  # the norm is now wrong
-    onnx.save(proto, tmp_path / "broken.onnx")
-    first_conv = next(n.name for n in proto.graph.node if n.op_type == "CosineConv")
+    first_conv = spoil_cosine_conv(path, tmp_path / "broken.onnx")
     report = cosconvert.validate(tmp_path / "broken.onnx", model, providers="CPUExecutionProvider")
     assert not report.passed
     assert report.results[0].first_divergence == f"{first_conv} (CosineConv)"
