@@ -98,6 +98,7 @@ def main() -> None:
             errors = [e for _, e in runs]
             print(f"{arch} {method:16} test error {statistics.mean(errors):5.2f} +- {statistics.pstdev(errors):.2f} %")
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     lines = [
         "# Cosine normalization vs other normalizers on digits (the shape of the paper's Table 1)",
         "",
