@@ -127,6 +127,24 @@ def test_gradcheck(centered):
     assert torch.autograd.gradcheck(lambda x, w: CF.cosine_conv3d(x, w, padding="same", centered=centered), (x3, w3))
 
 
+@settings(max_examples=60, deadline=None)
+@given(conv_settings())
+def test_float32_gradients_match_reference(s):
+    """The float32 backward (cosconvert's own for the norm sums) against autograd through the float64 reference."""
+    torch.manual_seed(s["seed"])
+    x = torch.randn(s["batch"], s["c_in"], *s["sizes"], requires_grad=True)
+    w = torch.randn(s["c_out"], s["c_in"] // s["groups"], *s["kernel"], requires_grad=True)
+    args = (s["stride"], s["padding"], s["dilation"], s["groups"])
+    out = CONVS[s["dims"]](x, w, None, *args, centered=s["centered"])
+    upstream = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (x, w), upstream)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = cosine_reference(x64, w64, None, *args, centered=s["centered"])
+    expected = torch.autograd.grad(ref, (x64, w64), upstream.double())
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got.double(), want, atol=1e-4 * (1 + want.abs().max().item()), rtol=1e-3)
+
+
 @pytest.mark.parametrize("centered", [False, True])
 def test_zero_and_constant_fields_are_finite_zero(centered):
     w = torch.randn(5, 3, 3, 3)

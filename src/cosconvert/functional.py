@@ -80,7 +80,7 @@ def inverse_norm(sum_sq: Tensor, total: Tensor | None, n: int, eps: float) -> Te
     """``1 / max(|x|, eps)`` from a vector's sum of squares, or, given its sum ``total``,
     ``1 / max(|x - mean x|, eps)``, and 0 where the centered vector is constant."""
     if total is None:
-        return sum_sq.clamp_min(eps * eps).rsqrt()
+        return sum_sq.clamp_min(eps * eps).rsqrt_()  # in place on clamp_min's fresh output
     centered_sq = sum_sq - total * total / n
     not_constant = centered_sq > CONSTANT_TOL * sum_sq
     return torch.where(not_constant, centered_sq.clamp_min(eps * eps).rsqrt(), 0.0)
@@ -106,6 +106,32 @@ def _tuple(value: _IntOrTuple, dims: int) -> tuple[int, ...]:
     return (value,) * dims if isinstance(value, int) else tuple(value)
 
 
+class _SumOfSquares(torch.autograd.Function):
+    """``(x * x).sum(dim)`` in one fused pass each way: ``vecdot`` forward, ``2 x g`` backward.
+    Autograd's own backward of ``vecdot(x, x)`` takes three passes over ``x``, the cost that
+    dominates a 1x1 cosine conv's training step."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, dim: int) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.dim = dim
+        return torch.linalg.vecdot(x, x, dim=dim)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (x,) = ctx.saved_tensors
+        return x * (2 * grad).unsqueeze(ctx.dim), None
+
+
+def sum_of_squares(x: Tensor, dim: int) -> Tensor:
+    """``(x * x).sum(dim)`` without an ``x * x`` temporary, forward or backward."""
+    return (
+        _SumOfSquares.apply(x, dim)
+        if torch.is_grad_enabled() and x.requires_grad
+        else torch.linalg.vecdot(x, x, dim=dim)
+    )
+
+
 def receptive_field_inverse_norm(
     input: Tensor,
     kernel_size: Sequence[int],
@@ -127,13 +153,14 @@ def receptive_field_inverse_norm(
         pointwise = all(k == 1 for k in kernel_size) and (
             padding in ("valid", "same") or all(p == 0 for p in _tuple(padding, dims))
         )
-        if pointwise:  # 1x1 kernel: the field is one position, so subsample instead of a window sum
-            x = x[(..., *(slice(None, None, s) for s in _tuple(stride, dims)))]
+        strides = _tuple(stride, dims)
+        if pointwise and any(s != 1 for s in strides):  # 1x1 kernel: a field is one position, so subsample
+            x = x[(..., *(slice(None, None, s) for s in strides))]  # (a no-op slice would cost a full-size backward)
         if groups == c:  # depthwise: each field lies in one channel, nothing to sum across channels
             sums = [x * x, x] if centered else [x * x]
         else:
             x = x.reshape(n, groups, c // groups, *x.shape[2:])
-            sum_sq = torch.linalg.vecdot(x, x, dim=2)  # one fused pass: no x * x temporary
+            sum_sq = sum_of_squares(x, 2)
             sums = [sum_sq, x.sum(2)] if centered else [sum_sq]
         if not pointwise:
             ones = x.new_ones(groups * len(sums), 1, *kernel_size)
@@ -220,11 +247,14 @@ def conv_normalized(
         input, weight.shape[2:], stride, padding, dilation, groups, centered=centered, eps=eps
     )
     n, c_out = out.shape[:2]
-    out = out.view(n, groups, c_out // groups, *out.shape[2:]) * inv.unsqueeze(2)
-    out = out.view(n, c_out, *out.shape[3:]).to(_out_dtype(input, weight))
-    if bias is not None:
-        out = out + bias.view(-1, *([1] * dims)).to(out.dtype)
-    return out
+    grouped, scale = out.view(n, groups, c_out // groups, *out.shape[2:]), inv.unsqueeze(2)
+    dtype = _out_dtype(input, weight)
+    bias = None if bias is None else bias.view(-1, *([1] * dims)).to(dtype)
+    if not out.requires_grad and out.dtype == dtype:  # autograd is not watching: scale and shift in place
+        grouped.mul_(scale)
+        return out if bias is None else out.add_(bias)
+    out = (grouped * scale).view_as(out).to(dtype)
+    return out if bias is None else out + bias
 
 
 def _out_dtype(input: Tensor, weight: Tensor) -> torch.dtype:
@@ -246,7 +276,7 @@ def linear_normalized(
     with torch.autocast(input.device.type, enabled=False):
         x = input.to(_norm_dtype(input.dtype, centered))
         total = x.sum(-1, keepdim=True) if centered else None
-        inv = inverse_norm(torch.linalg.vecdot(x, x).unsqueeze(-1), total, x.shape[-1], eps)
+        inv = inverse_norm(sum_of_squares(x, -1).unsqueeze(-1), total, x.shape[-1], eps)
         inv = inv.to(_norm_dtype(input.dtype))
     out = (out * inv).to(_out_dtype(input, weight))
     return out if bias is None else out + bias.to(out.dtype)
