@@ -7,10 +7,13 @@ the converted one has its norms folded into the cosine layers (strip_norms="fold
 """
 
 import argparse
+import contextlib
+import io
 import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 import torchvision
@@ -19,8 +22,13 @@ from _timing import compare
 import cosconvert
 
 
-def session(path: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def session(path: Path) -> tuple[ort.InferenceSession, int]:
+    """A CPU session and the node count of the graph onnxruntime runs (after inlining and folding)."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(path.with_suffix(".optimized.onnx"))
+    options.log_severity_level = 3  # its warning that the optimized file is machine-specific
+    s = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return s, len(onnx.load(options.optimized_model_filepath).graph.node)
 
 
 def main() -> None:
@@ -28,7 +36,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=20)
     args = parser.parse_args()
     print(f"onnxruntime {ort.__version__}, CPUExecutionProvider, float32, 224x224\n")
-    print(f"{'model':20} {'batch':>5} {'original ms':>12} {'cosine ms':>10} {'ratio':>6}")
+    print(f"{'model':20} {'batch':>5} {'original ms':>12} {'cosine ms':>10} {'ratio':>6}  nodes run (original, cosine)")
     with tempfile.TemporaryDirectory() as tmp:
         for name in ["resnet18", "mobilenet_v3_small"]:
             torch.manual_seed(0)
@@ -36,9 +44,12 @@ def main() -> None:
             converted = cosconvert.convert(model, strip_norms="fold")
             example = torch.randn(1, 3, 224, 224)
             plain_path = Path(tmp) / f"{name}.onnx"
-            torch.onnx.export(model, (example,), plain_path, dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},))
+            with contextlib.redirect_stdout(io.StringIO()):  # the exporter's progress lines
+                torch.onnx.export(
+                    model, (example,), plain_path, dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},)
+                )
             cos_path = cosconvert.export_onnx(converted, example, Path(tmp) / f"{name}-cos.onnx")
-            plain, cos = session(plain_path), session(cos_path)
+            (plain, plain_nodes), (cos, cos_nodes) = session(plain_path), session(cos_path)
             for batch in [1, 16]:
                 x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
                 feeds = {s: {s.get_inputs()[0].name: x} for s in (plain, cos)}
@@ -46,7 +57,10 @@ def main() -> None:
                     {"plain": lambda: plain.run(None, feeds[plain]), "cos": lambda: cos.run(None, feeds[cos])},
                     repeat=args.repeat,
                 )
-                print(f"{name:20} {batch:5} {t['plain'] * 1e3:12.2f} {t['cos'] * 1e3:10.2f} {t['cos'] / t['plain']:6.2f}")
+                print(
+                    f"{name:20} {batch:5} {t['plain'] * 1e3:12.2f} {t['cos'] * 1e3:10.2f} {t['cos'] / t['plain']:6.2f}"
+                    f"  {plain_nodes}, {cos_nodes}"
+                )
 
 
 if __name__ == "__main__":

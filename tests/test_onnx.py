@@ -2,16 +2,19 @@
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
 from broken import spoil_cosine_conv
 from onnx.reference import ReferenceEvaluator
+from reference import cosine_reference
 from test_convert import Functional
 from torch import nn
 
 import cosconvert
+from cosconvert.nn import CosineConv2d
 from cosconvert.onnx.functions import DOMAIN
 
 
@@ -79,6 +82,36 @@ def test_export_and_validate_on_onnxruntime(tmp_path, name, centered):
     assert report.batch_sizes == [1, 3]
     assert cpu.passed and cpu.max_rel_error <= 1e-4
     assert cpu.top1_agreement == 100.0
+
+
+BODY_PATHS = {  # (in, out, kernel, stride, padding, groups): each path through CosineConv's body
+    "dense 3x3": (4, 6, 3, 1, 1, 1),
+    "pointwise": (4, 6, 1, 1, 0, 1),  # the window sum is the identity
+    "pointwise stride 2": (4, 6, 1, 2, 0, 1),
+    "pointwise padded": (4, 6, 1, 1, 1, 1),
+    "depthwise": (4, 4, 3, 2, 1, 4),
+    "depthwise x2": (4, 8, 3, 1, 1, 4),  # two filters per channel: outputs regrouped to scale
+    "grouped": (6, 4, 3, 1, 1, 2),
+}
+
+
+@pytest.mark.parametrize("centered", [False, True], ids=["cosine", "centered"])
+@pytest.mark.parametrize("case", list(BODY_PATHS))
+def test_conv_function_body_matches_reference(tmp_path, case, centered):
+    """One CosineConv node, run as its body by onnxruntime and onnx's ReferenceEvaluator, against the
+    float64 unfold reference."""
+    c_in, c_out, k, stride, padding, groups = BODY_PATHS[case]
+    layer = CosineConv2d(c_in, c_out, k, stride, padding, groups=groups, centered=centered).eval()
+    x = torch.randn(3, c_in, 7, 7)
+    with torch.no_grad():
+        expected = cosine_reference(x, layer.weight, layer.bias, stride, padding, 1, groups, centered=centered).numpy()
+    path = cosconvert.export_onnx(layer, x[:1], tmp_path / "layer.onnx")
+    assert [n.op_type for n in onnx.load(path).graph.node] == ["CosineConv"]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (on_ort,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    (on_reference,) = ReferenceEvaluator(str(path)).run(None, {session.get_inputs()[0].name: x.numpy()})
+    np.testing.assert_allclose(on_ort, expected, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(on_reference, expected, atol=1e-5, rtol=0)
 
 
 def test_inline_leaves_standard_ops_and_reference_evaluator_agrees(tmp_path):
