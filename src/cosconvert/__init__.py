@@ -3,6 +3,7 @@
 from cosconvert import functional, nn
 from cosconvert.calibration import calibrate
 from cosconvert.convert import convert, inspect, report_of
+from cosconvert.freeze import freeze
 from cosconvert.onnx import export_onnx, validate
 from cosconvert.recipe import restore, save
 from cosconvert.report import ConversionReport
@@ -15,6 +16,7 @@ __all__ = [
     "inspect",
     "report_of",
     "calibrate",
+    "freeze",
     "export_onnx",
     "validate",
     "save",

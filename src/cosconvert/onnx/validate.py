@@ -226,7 +226,9 @@ def first_divergence(path: str, provider: str, feed: dict, tol: dict) -> str:
         values = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
     values.update({i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer})
     for node in custom:
-        x, w, b = (torch.tensor(np.asarray(values[i]), dtype=torch.float32) for i in node.input)  # a copy: initializers are read-only
+        x, w, b = (
+            torch.tensor(np.asarray(values[i]), dtype=torch.float32) for i in node.input
+        )  # a copy: initializers are read-only
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         centered, eps = bool(attrs["centered"]), float(attrs["eps"])
         if node.op_type == "CosineConv":
