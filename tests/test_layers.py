@@ -239,3 +239,26 @@ def test_attention_projections_are_cosine(batch_first):
     torch.testing.assert_close(weights.double(), att.mean(1).detach(), atol=1e-5, rtol=0)
     fast, _ = cos(q, q, q, need_weights=False, key_padding_mask=kpm)
     torch.testing.assert_close(fast, out, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_centered_norms_keep_float32_accuracy_under_a_large_mean(groups):
+    """Fields of 100 +- 1 (std 1% of the RMS, above the constant-field cutoff): the textbook float32
+    S2 - S1^2/n loses three digits; the shifted sums match a float64 unfold within float32 precision."""
+    x = 100 + torch.randn(2, 4, 9, 9)
+    inv = CF.receptive_field_inverse_norm(x, (3, 3), 1, 1, 1, groups, centered=True)
+    fields = F.unfold(x.double(), 3, padding=1).view(2, groups, 4 // groups * 9, -1)
+    expected = (fields - fields.mean(2, keepdim=True)).norm(dim=2).reciprocal().view(2, groups, 9, 9)
+    torch.testing.assert_close(inv.double(), expected, rtol=1e-5, atol=0)
+    naive = F.unfold(x, 3, padding=1).view(2, groups, 4 // groups * 9, -1)  # float32, the textbook way
+    naive_inv = (naive.square().sum(2) - naive.sum(2).square() / naive.shape[2]).rsqrt().view_as(expected)
+    assert ((naive_inv.double() - expected) / expected).abs().max() > 1e-4  # what the test guards against
+
+
+def test_centered_linear_keeps_float32_accuracy_under_a_large_mean():
+    x = 100 + torch.randn(5, 64)
+    one_hot = torch.eye(3, 64)  # so the float32 numerator is exactly x[:, :3] and the output shows the norm
+    out = CF.linear_normalized(x, one_hot, centered=True)
+    inv = out.double() / x[:, :3].double()
+    xc = x.double() - x.double().mean(1, keepdim=True)
+    torch.testing.assert_close(inv, xc.norm(dim=1, keepdim=True).reciprocal().expand_as(inv), rtol=1e-5, atol=0)

@@ -18,9 +18,18 @@ in float32 under float16/bfloat16 and autocast.
 A zero field gives 0. A constant field gives 0 in the centered form too: a field whose
 centered energy is below ``CONSTANT_TOL`` of its raw energy (standard deviation under
 about 0.3% of its RMS value) is treated as constant, because float32 sums cannot
-resolve it and the quotient would be rounding noise. The centered sums are taken in
-float64 (where the squares of float32 values are exact), so the cancellation in
-``S2 - S1^2 / n`` costs no float32 accuracy.
+resolve it and the quotient would be rounding noise.
+
+The centered energy ``S2 - S1^2 / n`` cancels badly when a field's mean dwarfs its spread.
+So each position's channels are first shifted by their own float32 mean ``m``: the float32
+sums ``q = sum (x - m)^2`` and ``r = sum (x - m)`` lose nothing to the mean, and only these
+per-position sums (one value per position, not per channel) go to float64, where
+
+    S2 - S1^2 / n = window_sum(v) + (window_sum(u^2) - window_sum(u)^2 / k) / c,
+    v = q - r^2 / c,   u = c m + r   (c channels in a group, k window positions, n = c k)
+
+is exact for the float32 inputs. A depthwise field has one channel, so there is nothing to
+shift and its sums are taken in float64 directly.
 """
 
 from __future__ import annotations
@@ -70,7 +79,7 @@ def in_cosine_math() -> bool:
 
 def _norm_dtype(dtype: torch.dtype, centered: bool = False) -> torch.dtype:
     """The type norms are summed in: float32 for the half types, else the input's own; float64 for
-    the centered form, whose ``S2 - S1^2 / n`` cancels (the squares of float32 values are exact in it)."""
+    centered weights (small, and so centered exactly; inputs use :func:`shifted_sums` instead)."""
     if centered:
         return torch.float64
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -81,9 +90,28 @@ def inverse_norm(sum_sq: Tensor, total: Tensor | None, n: int, eps: float) -> Te
     ``1 / max(|x - mean x|, eps)``, and 0 where the centered vector is constant."""
     if total is None:
         return sum_sq.clamp_min(eps * eps).rsqrt_()  # in place on clamp_min's fresh output
-    centered_sq = sum_sq - total * total / n
-    not_constant = centered_sq > CONSTANT_TOL * sum_sq
-    return torch.where(not_constant, centered_sq.clamp_min(eps * eps).rsqrt(), 0.0)
+    return centered_inverse_norm(sum_sq - total * total / n, sum_sq, eps)
+
+
+def centered_inverse_norm(energy: Tensor, sum_sq: Tensor, eps: float) -> Tensor:
+    """``1 / max(|x - mean x|, eps)`` from a vector's centered energy ``|x - mean x|^2`` and its
+    raw ``|x|^2``; 0 where the vector is constant (energy under ``CONSTANT_TOL`` of the raw)."""
+    return torch.where(energy > CONSTANT_TOL * sum_sq, energy.clamp_min(eps * eps).rsqrt(), 0.0)
+
+
+def shifted_sums(x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """``(v, u)`` of the module docstring for the vectors along ``dim`` of ``x``, in float64 with
+    ``dim`` reduced: ``u`` is each vector's sum, ``v`` its centered energy, both from float32
+    sums of the deviations from the vector's own float32 mean, which keep float32's accuracy."""
+    c = x.shape[dim]
+    m = x.mean(dim, keepdim=True)  # any float32 shift is exact below; the mean makes deviations small
+    d = x - m
+    r = d.sum(dim).double()
+    if d.requires_grad and torch.is_grad_enabled():
+        q = sum_of_squares(d, dim).double()
+    else:  # square in place: no second input-sized temporary
+        q = d.square_().sum(dim).double()
+    return q - r * r / c, m.squeeze(dim).double() * c + r
 
 
 def normalize_weight(
@@ -147,28 +175,38 @@ def receptive_field_inverse_norm(
     ``(N, C, *spatial)``: shape ``(N, groups, *out_spatial)``, float32 for half inputs."""
     dims = len(kernel_size)
     n, c = input.shape[:2]
-    n_field = (c // groups) * math.prod(kernel_size)
+    per_group, k = c // groups, math.prod(kernel_size)
+    pointwise = k == 1 and (padding in ("valid", "same") or all(p == 0 for p in _tuple(padding, dims)))
+
+    def window_sums(*sums: Tensor) -> list[Tensor]:
+        """Each per-position tensor (N, groups, *spatial) summed over every field's window."""
+        if pointwise:
+            return list(sums)
+        stacked = torch.cat(sums, 1) if len(sums) > 1 else sums[0]
+        ones = stacked.new_ones(stacked.shape[1], 1, *kernel_size)
+        with _cosine_math():
+            window = _CONV[dims](stacked, ones, None, stride, padding, dilation, stacked.shape[1])
+        return list(window.split(groups, 1))
+
     with torch.autocast(input.device.type, enabled=False):
-        x = input.to(_norm_dtype(input.dtype, centered))
-        pointwise = all(k == 1 for k in kernel_size) and (
-            padding in ("valid", "same") or all(p == 0 for p in _tuple(padding, dims))
-        )
+        x = input.to(_norm_dtype(input.dtype))
         strides = _tuple(stride, dims)
         if pointwise and any(s != 1 for s in strides):  # 1x1 kernel: a field is one position, so subsample
             x = x[(..., *(slice(None, None, s) for s in strides))]  # (a no-op slice would cost a full-size backward)
-        if groups == c:  # depthwise: each field lies in one channel, nothing to sum across channels
-            sums = [x * x, x] if centered else [x * x]
+        grouped = x.reshape(n, groups, per_group, *x.shape[2:])  # (N, groups, C/groups, *spatial)
+        if not centered:
+            sum_sq = x * x if per_group == 1 else sum_of_squares(grouped, 2)
+            return inverse_norm(window_sums(sum_sq)[0], None, per_group * k, eps)
+        if per_group == 1:  # depthwise: one channel per position, nothing to shift; sum in float64
+            u = x.double()
+            window_u, window_uu = window_sums(u, u * u)
+            window_v = 0.0
         else:
-            x = x.reshape(n, groups, c // groups, *x.shape[2:])
-            sum_sq = sum_of_squares(x, 2)
-            sums = [sum_sq, x.sum(2)] if centered else [sum_sq]
-        if not pointwise:
-            ones = x.new_ones(groups * len(sums), 1, *kernel_size)
-            with _cosine_math():
-                window = _CONV[dims](torch.cat(sums, 1), ones, None, stride, padding, dilation, groups * len(sums))
-            sums = list(window.split(groups, 1))
-        inv = inverse_norm(sums[0], sums[1] if centered else None, n_field, eps)
-        return inv.to(_norm_dtype(input.dtype))
+            v, u = shifted_sums(grouped, 2)
+            window_u, window_uu, window_v = window_sums(u, u * u, v)
+        energy = window_v + (window_uu - window_u * window_u / k) / per_group
+        raw = window_v + window_uu / per_group
+        return centered_inverse_norm(energy, raw, eps).to(_norm_dtype(input.dtype))
 
 
 def _cosine_conv(input, weight, bias, stride, padding, dilation, groups, centered, eps, gain):
@@ -274,10 +312,13 @@ def linear_normalized(
     with _cosine_math():
         out = F.linear(input, weight)
     with torch.autocast(input.device.type, enabled=False):
-        x = input.to(_norm_dtype(input.dtype, centered))
-        total = x.sum(-1, keepdim=True) if centered else None
-        inv = inverse_norm(sum_of_squares(x, -1).unsqueeze(-1), total, x.shape[-1], eps)
-        inv = inv.to(_norm_dtype(input.dtype))
+        x = input.to(_norm_dtype(input.dtype))
+        if centered:  # one field: its centered energy is v itself (module docstring)
+            v, u = shifted_sums(x, -1)
+            inv = centered_inverse_norm(v, v + u * u / x.shape[-1], eps)
+        else:
+            inv = inverse_norm(sum_of_squares(x, -1), None, x.shape[-1], eps)
+        inv = inv.unsqueeze(-1).to(_norm_dtype(input.dtype))
     out = (out * inv).to(_out_dtype(input, weight))
     return out if bias is None else out + bias.to(out.dtype)
 
