@@ -135,9 +135,9 @@ def _tuple(value: _IntOrTuple, dims: int) -> tuple[int, ...]:
 
 
 class _SumOfSquares(torch.autograd.Function):
-    """``(x * x).sum(dim)`` in one fused pass each way: ``vecdot`` forward, ``2 x g`` backward.
-    Autograd's own backward of ``vecdot(x, x)`` takes three passes over ``x``, the cost that
-    dominates a 1x1 cosine conv's training step."""
+    """``(x * x).sum(dim)`` by ``vecdot``, with a one-pass backward ``2 x g``. Autograd's own
+    backward of ``vecdot(x, x)`` takes three passes over ``x``, the cost that dominated a 1x1
+    cosine conv's training step."""
 
     @staticmethod
     def forward(ctx, x: Tensor, dim: int) -> Tensor:
@@ -152,7 +152,7 @@ class _SumOfSquares(torch.autograd.Function):
 
 
 def sum_of_squares(x: Tensor, dim: int) -> Tensor:
-    """``(x * x).sum(dim)`` without an ``x * x`` temporary, forward or backward."""
+    """``(x * x).sum(dim)``, with a one-pass backward where autograd is watching."""
     return (
         _SumOfSquares.apply(x, dim)
         if torch.is_grad_enabled() and x.requires_grad
@@ -200,12 +200,12 @@ def receptive_field_inverse_norm(
         if per_group == 1:  # depthwise: one channel per position, nothing to shift; sum in float64
             u = x.double()
             window_u, window_uu = window_sums(u, u * u)
-            window_v = 0.0
+            energy, raw = torch.addcmul(window_uu, window_u, window_u, value=-1 / k), window_uu
         else:
             v, u = shifted_sums(grouped, 2)
             window_u, window_uu, window_v = window_sums(u, u * u, v)
-        energy = window_v + (window_uu - window_u * window_u / k) / per_group
-        raw = window_v + window_uu / per_group
+            energy = torch.addcmul(window_uu, window_u, window_u, value=-1 / k).div_(per_group).add_(window_v)
+            raw = (window_uu / per_group).add_(window_v)
         return centered_inverse_norm(energy, raw, eps).to(_norm_dtype(input.dtype))
 
 
