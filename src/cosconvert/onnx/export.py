@@ -17,6 +17,8 @@ from pathlib import Path
 
 import onnx
 import onnx.inliner
+import onnxscript.optimizer
+import onnxscript.rewriter
 import torch
 from onnx.defs import OpSchema
 from onnxscript.values import Op
@@ -76,6 +78,17 @@ def _add_functions(proto: onnx.ModelProto) -> None:
     proto.functions.extend(fp for name, fp in function_protos(version).items() if name in used)
     if used and not any(o.domain == DOMAIN for o in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid(DOMAIN, VERSION))
+
+
+def _inline(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The same network in standard ops: each cosine node replaced by its body, whose branches test
+    only constants (attributes, weight shapes), so they are then folded away, as onnxruntime would."""
+    proto = onnx.inliner.inline_local_functions(proto)
+    del proto.functions[:]
+    kept = [o for o in proto.opset_import if o.domain != DOMAIN]
+    del proto.opset_import[:]
+    proto.opset_import.extend(kept)
+    return onnxscript.rewriter.rewrite(onnxscript.optimizer.optimize(proto))
 
 
 def _all_nodes(graph: onnx.GraphProto):
@@ -153,10 +166,6 @@ def export_onnx(
     proto = program.model_proto
     _add_functions(proto)
     if inline:
-        proto = onnx.inliner.inline_local_functions(proto)
-        del proto.functions[:]
-        kept = [o for o in proto.opset_import if o.domain != DOMAIN]
-        del proto.opset_import[:]
-        proto.opset_import.extend(kept)
+        proto = _inline(proto)
     _write(proto, path)
     return path
