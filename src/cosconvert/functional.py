@@ -50,6 +50,7 @@ __all__ = [
     "cosine_conv3d",
     "normalize_weight",
     "inverse_norm",
+    "centered_inverse_norm",
     "receptive_field_inverse_norm",
 ]
 
@@ -77,20 +78,14 @@ def in_cosine_math() -> bool:
     return _IN_COSINE_MATH.get()
 
 
-def _norm_dtype(dtype: torch.dtype, centered: bool = False) -> torch.dtype:
-    """The type norms are summed in: float32 for the half types, else the input's own; float64 for
-    centered weights (small, and so centered exactly; inputs use :func:`shifted_sums` instead)."""
-    if centered:
-        return torch.float64
+def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The type norms are summed in: float32 for the half types, else the input's own."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def inverse_norm(sum_sq: Tensor, total: Tensor | None, n: int, eps: float) -> Tensor:
-    """``1 / max(|x|, eps)`` from a vector's sum of squares, or, given its sum ``total``,
-    ``1 / max(|x - mean x|, eps)``, and 0 where the centered vector is constant."""
-    if total is None:
-        return sum_sq.clamp_min(eps * eps).rsqrt_()  # in place on clamp_min's fresh output
-    return centered_inverse_norm(sum_sq - total * total / n, sum_sq, eps)
+def inverse_norm(sum_sq: Tensor, eps: float) -> Tensor:
+    """``1 / max(|x|, eps)`` from a vector's sum of squares ``|x|^2``."""
+    return sum_sq.clamp_min(eps * eps).rsqrt_()  # in place on clamp_min's fresh output
 
 
 def centered_inverse_norm(energy: Tensor, sum_sq: Tensor, eps: float) -> Tensor:
@@ -120,13 +115,15 @@ def normalize_weight(
     """Each output unit's weight (row of ``weight``, shape ``(out, ...)``) over its norm,
     centered first if asked, times ``gain`` (shape ``()``, ``(1,)`` or ``(out,)``).
     Computed in float32 for half types and returned in ``weight.dtype``."""
-    w = weight.to(_norm_dtype(weight.dtype, centered)).flatten(1)
-    total = w.sum(1) if centered else None
-    scale = inverse_norm(w.square().sum(1), total, w.shape[1], eps)
+    w = weight.to(_norm_dtype(weight.dtype)).flatten(1)
+    if centered:  # center first, so the norm is a plain sum of squares that cannot cancel
+        raw_sq = w.square().sum(1)
+        w = w - w.mean(1, keepdim=True)
+        scale = centered_inverse_norm(w.square().sum(1), raw_sq, eps)
+    else:
+        scale = inverse_norm(w.square().sum(1), eps)
     if gain is not None:
         scale = scale * gain.to(scale.dtype)
-    if centered:
-        w = w - w.mean(1, keepdim=True)
     return (w * scale[:, None]).view_as(weight).to(weight.dtype)
 
 
@@ -196,7 +193,7 @@ def receptive_field_inverse_norm(
         grouped = x.reshape(n, groups, per_group, *x.shape[2:])  # (N, groups, C/groups, *spatial)
         if not centered:
             sum_sq = x * x if per_group == 1 else sum_of_squares(grouped, 2)
-            return inverse_norm(window_sums(sum_sq)[0], None, per_group * k, eps)
+            return inverse_norm(window_sums(sum_sq)[0], eps)
         if per_group == 1:  # depthwise: one channel per position, nothing to shift; sum in float64
             u = x.double()
             window_u, window_uu = window_sums(u, u * u)
@@ -317,7 +314,7 @@ def linear_normalized(
             v, u = shifted_sums(x, -1)
             inv = centered_inverse_norm(v, v + u * u / x.shape[-1], eps)
         else:
-            inv = inverse_norm(sum_of_squares(x, -1), None, x.shape[-1], eps)
+            inv = inverse_norm(sum_of_squares(x, -1), eps)
         inv = inv.unsqueeze(-1).to(_norm_dtype(input.dtype))
     out = (out * inv).to(_out_dtype(input, weight))
     return out if bias is None else out + bias.to(out.dtype)
