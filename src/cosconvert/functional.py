@@ -131,6 +131,23 @@ def _tuple(value: _IntOrTuple, dims: int) -> tuple[int, ...]:
     return (value,) * dims if isinstance(value, int) else tuple(value)
 
 
+_CACHE_BYTES = 4 << 20  # what a squaring pass may write before summing it, so it stays in cache
+
+
+def _squares_summed(x: Tensor, dim: int) -> Tensor:
+    """``(x * x).sum(dim)``. ``vecdot`` writes ``x * x`` out in full before summing; for a large
+    ``x`` that temporary leaves the cache, so it is done a few channels at a time (about twice as
+    fast for a 26 MB input here)."""
+    step = max(1, _CACHE_BYTES * x.shape[dim] // (x.numel() * x.element_size()))
+    if step >= x.shape[dim]:
+        return torch.linalg.vecdot(x, x, dim=dim)
+    chunks = x.split(step, dim)
+    total = torch.linalg.vecdot(chunks[0], chunks[0], dim=dim)
+    for chunk in chunks[1:]:
+        total += torch.linalg.vecdot(chunk, chunk, dim=dim)
+    return total
+
+
 class _SumOfSquares(torch.autograd.Function):
     """``(x * x).sum(dim)`` by ``vecdot``, with a one-pass backward ``2 x g``. Autograd's own
     backward of ``vecdot(x, x)`` takes three passes over ``x``, the cost that dominated a 1x1
@@ -140,7 +157,7 @@ class _SumOfSquares(torch.autograd.Function):
     def forward(ctx, x: Tensor, dim: int) -> Tensor:
         ctx.save_for_backward(x)
         ctx.dim = dim
-        return torch.linalg.vecdot(x, x, dim=dim)
+        return _squares_summed(x, dim)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
@@ -150,11 +167,7 @@ class _SumOfSquares(torch.autograd.Function):
 
 def sum_of_squares(x: Tensor, dim: int) -> Tensor:
     """``(x * x).sum(dim)``, with a one-pass backward where autograd is watching."""
-    return (
-        _SumOfSquares.apply(x, dim)
-        if torch.is_grad_enabled() and x.requires_grad
-        else torch.linalg.vecdot(x, x, dim=dim)
-    )
+    return _SumOfSquares.apply(x, dim) if torch.is_grad_enabled() and x.requires_grad else _squares_summed(x, dim)
 
 
 def receptive_field_inverse_norm(
