@@ -100,12 +100,15 @@ def shifted_sums(x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     sums of the deviations from the vector's own float32 mean, which keep float32's accuracy."""
     c = x.shape[dim]
     m = x.mean(dim, keepdim=True)  # any float32 shift is exact below; the mean makes deviations small
-    d = x - m
-    r = d.sum(dim).double()
-    if d.requires_grad and torch.is_grad_enabled():
-        q = sum_of_squares(d, dim).double()
-    else:  # square in place: no second input-sized temporary
-        q = d.square_().sum(dim).double()
+    q = r = 0.0
+    for piece in _cache_sized(x, dim):
+        d = piece - m
+        r = r + d.sum(dim)
+        if d.requires_grad and torch.is_grad_enabled():
+            q = q + sum_of_squares(d, dim)
+        else:  # square in place: no second temporary
+            q = q + d.square_().sum(dim)
+    q, r = q.double(), r.double()
     return q - r * r / c, m.squeeze(dim).double() * c + r
 
 
@@ -131,20 +134,23 @@ def _tuple(value: _IntOrTuple, dims: int) -> tuple[int, ...]:
     return (value,) * dims if isinstance(value, int) else tuple(value)
 
 
-_CACHE_BYTES = 4 << 20  # what a squaring pass may write before summing it, so it stays in cache
+_CACHE_BYTES = 4 << 20  # what one pass over part of an input may write, so that it stays in cache
+
+
+def _cache_sized(x: Tensor, dim: int) -> tuple[Tensor, ...]:
+    """``x`` split along ``dim`` into pieces of about ``_CACHE_BYTES``. Elementwise temporaries (a
+    square, a difference) of a large input leave the cache before they are summed; made a piece
+    at a time they do not (about twice as fast for a 26 MB input here)."""
+    step = max(1, _CACHE_BYTES * x.shape[dim] // (x.numel() * x.element_size()))
+    return x.split(step, dim)
 
 
 def _squares_summed(x: Tensor, dim: int) -> Tensor:
-    """``(x * x).sum(dim)``. ``vecdot`` writes ``x * x`` out in full before summing; for a large
-    ``x`` that temporary leaves the cache, so it is done a few channels at a time (about twice as
-    fast for a 26 MB input here)."""
-    step = max(1, _CACHE_BYTES * x.shape[dim] // (x.numel() * x.element_size()))
-    if step >= x.shape[dim]:
-        return torch.linalg.vecdot(x, x, dim=dim)
-    chunks = x.split(step, dim)
-    total = torch.linalg.vecdot(chunks[0], chunks[0], dim=dim)
-    for chunk in chunks[1:]:
-        total += torch.linalg.vecdot(chunk, chunk, dim=dim)
+    """``(x * x).sum(dim)`` by ``vecdot``, a cache-sized piece at a time."""
+    pieces = _cache_sized(x, dim)
+    total = torch.linalg.vecdot(pieces[0], pieces[0], dim=dim)
+    for piece in pieces[1:]:
+        total += torch.linalg.vecdot(piece, piece, dim=dim)
     return total
 
 
