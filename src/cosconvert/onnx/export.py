@@ -145,9 +145,9 @@ def export_onnx(
     node with its weight normalized at export; the file defines both ops as model-local
     functions, so onnxruntime and ``onnx.reference`` run it without a plugin. ``inline=True``
     writes the same network in standard ops only, each layer's path through the op's body
-    folded to plain nodes (slower to export: about 7 s more for vit_b_16). ``fp16`` exports in float16 (norms are
-    still taken in float32 inside the ops). The batch dimension (dim 0 of every input) is
-    dynamic unless ``dynamic_batch=False``. The file passes ``onnx.checker`` (full check) and
+    folded to plain nodes (slower to export: about 7 s more for vit_b_16). ``fp16`` exports
+    in float16 (norms are still taken in float32 inside the ops). The batch dimension (dim 0
+    of every input) is dynamic unless ``dynamic_batch=False``. The file passes ``onnx.checker`` (full check) and
     is written atomically; past 2 GB the weights go to ``<name>.data`` beside it.
     """
     path = Path(path)

@@ -137,7 +137,7 @@ HELPERS = (InverseNorm, CenteredInverseNorm, GroupSum, WindowSum)  # inlined int
 
 
 def function_protos(opset_version: int) -> dict[str, onnx.FunctionProto]:
-    """The ops' FunctionProtos for a model of the given standard opset, with :func:`InverseNorm`
+    """The ops' FunctionProtos for a model of the given standard opset, with the ``HELPERS``
     inlined into each body, so the file needs no nested function calls (onnx's reference
     evaluator cannot run those)."""
     functions = [fn.to_function_proto() for fn in (CosineConv, CosineLinear, *HELPERS)]
