@@ -275,3 +275,34 @@ def test_large_inputs_square_a_few_channels_at_a_time():
     torch.testing.assert_close(
         CF.cosine_conv2d(x, w3, padding=1).double(), cosine_reference(x, w3, padding=1), atol=TOL, rtol=0
     )
+
+
+@pytest.mark.parametrize("centered", [False, True])
+@pytest.mark.parametrize("gain_shape", [None, (), (1,), (5,)])
+def test_weight_normalization_gradients(centered, gain_shape):
+    """normalize_weight's own backward: gradcheck in float64 (a constant row included), and float32
+    against autograd through the plain formula g * w_c / max(|w_c|, eps), a zero row included."""
+    w = torch.randn(5, 3, 2, 2, dtype=torch.double)
+    w[3] = 0.7  # centered, a constant row: output and gradient 0
+    g = None if gain_shape is None else torch.rand(gain_shape, dtype=torch.double) + 0.5
+    fn = lambda w, g=None: CF.normalize_weight(w, centered=centered, gain=g)  # noqa: E731
+    inputs = [w] if g is None else [w, g]
+    assert torch.autograd.gradcheck(fn, [t.clone().requires_grad_() for t in inputs])
+
+    def reference(w, g=None):
+        w = w.flatten(1)
+        w_c = w - w.mean(1, keepdim=True) if centered else w
+        out = w_c / w_c.norm(dim=1, keepdim=True).clamp_min(1e-6)
+        if centered:  # the documented rule: a row whose spread is under ~0.3% of its RMS counts as constant
+            out = out * (w_c.square().sum(1, keepdim=True) > 1e-5 * w.square().sum(1, keepdim=True))
+        return out if g is None else out * g.reshape(-1, 1)
+
+    w[1] = 0.0  # a zero row: 0 out, and the eps clamp's gradient (not differentiable there for gradcheck)
+    w[2] = 1e-8 * torch.randn(3, 2, 2)  # a row under eps: its norm is clamped, so it carries no norm gradient
+    upstream = torch.randn(5, 12, dtype=torch.double)
+    inputs64 = [t.clone().requires_grad_() for t in inputs]
+    expected = torch.autograd.grad(reference(*inputs64), inputs64, upstream)
+    inputs32 = [t.float().requires_grad_() for t in inputs]
+    got = torch.autograd.grad(fn(*inputs32).flatten(1), inputs32, upstream.float())
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-4)
