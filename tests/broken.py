@@ -2,13 +2,7 @@
 
 import onnx
 
-
-def _nodes(nodes):
-    """Every node, inside If branches too."""
-    for node in nodes:
-        yield node
-        for attr in node.attribute:
-            yield from _nodes(attr.g.node)
+from cosconvert.onnx.export import _all_nodes
 
 
 def spoil_cosine_conv(src, dst) -> str:
@@ -16,7 +10,7 @@ def spoil_cosine_conv(src, dst) -> str:
     CosineConv node's name."""
     proto = onnx.load(src)
     body = next(f for f in proto.functions if f.name == "CosineConv")
-    for node in _nodes(body.node):
+    for node in _all_nodes(body):  # inside the body's If branches too
         if node.op_type == "Sqrt":
             node.op_type = "Abs"
     onnx.save(proto, dst)
