@@ -1,7 +1,7 @@
 """Load a user's model from disk, safely: nothing is unpickled unless the user trusts the file.
 
 Accepted: a state_dict or checkpoint (``torch.load(weights_only=True)``) or a ``.safetensors``
-file, with ``arch`` (``module:callable`` or ``path/to/file.py:Callable``) to build the network;
+file, with ``arch`` to build the network (see :func:`build_arch`);
 a ``torch.export`` program (``.pt2``); a fully pickled ``nn.Module`` only with
 ``trust_pickle=True``. TorchScript archives are refused: their code is not Python that fx
 can rewrite.
@@ -20,38 +20,95 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["LoadError", "load_model", "build_arch", "infer_input_shape"]
+__all__ = ["LoadError", "load_model", "build_arch", "infer_input_shape", "EXAMPLE_BATCH"]
+
+EXAMPLE_BATCH = 2
 
 
 class LoadError(ValueError):
     """A model that cannot be loaded, with what to do about it."""
 
 
+REGISTRIES = ("timm", "torchvision", "transformers")
+
+
+def _from_registry(registry: str, name: str, kwargs: dict) -> nn.Module:
+    """A randomly initialized network named in timm's, torchvision's or transformers' own registry."""
+    if registry == "timm":
+        import timm
+
+        if not timm.is_model(name):
+            raise LoadError(f"--arch timm:{name}: timm has no model {name!r} (see timm.list_models())")
+        return timm.create_model(name, pretrained=False, **kwargs)
+    if registry == "torchvision":
+        import torchvision
+
+        if name not in torchvision.models.list_models():
+            raise LoadError(f"--arch torchvision:{name}: torchvision has no model {name!r}")
+        return torchvision.models.get_model(name, weights=None, **kwargs)
+    import transformers
+
+    cls = getattr(transformers, name, None)
+    config_class = getattr(cls, "config_class", None)
+    if config_class is None:
+        raise LoadError(f"--arch transformers:{name}: not a transformers model class (e.g. ViTForImageClassification)")
+    kwargs = dict(kwargs)
+    config_file = kwargs.pop("config", None)  # a config.json (or its folder) to start from
+    config = config_class.from_pretrained(config_file, local_files_only=True) if config_file else config_class()
+    for key, value in kwargs.items():
+        if not hasattr(config, key):
+            raise LoadError(f"--arch-kwargs: {config_class.__name__} has no field {key!r}")
+        setattr(config, key, value)
+    return cls(config)
+
+
+def _import(module_name: str):
+    if module_name.endswith(".py"):
+        if not Path(module_name).is_file():
+            raise LoadError(f"--arch file {module_name} not found")
+        loader = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
+        module = importlib.util.module_from_spec(loader)
+        sys.modules[loader.name] = module
+        loader.loader.exec_module(module)
+        return module
+    return importlib.import_module(module_name)
+
+
 def build_arch(spec: str, kwargs: dict | None = None) -> nn.Module:
-    """Call ``module:callable`` (or ``path/to/file.py:Callable``) with ``kwargs``."""
-    module_name, sep, attr = spec.rpartition(":")
+    """The network named by ``spec``, randomly initialized, built with ``kwargs``:
+
+    - ``timm:NAME`` (``timm.create_model``), ``torchvision:NAME`` (``torchvision.models.get_model``),
+    - ``transformers:CLASS`` (e.g. ``ViTForImageClassification``) built from its config class, whose
+      fields ``kwargs`` sets (``{"config": "path/config.json"}`` starts from a saved config),
+    - ``module:callable`` or ``path/to/file.py:Callable``, called with ``kwargs``.
+    """
+    module_name, sep, attr = spec.partition(":") if spec.split(":")[0] in REGISTRIES else spec.rpartition(":")
     if not sep or not module_name or not attr:
-        raise LoadError(f"--arch {spec!r} is not of the form module:callable (e.g. torchvision.models:resnet18)")
+        raise LoadError(
+            f"--arch {spec!r} is not of the form timm:NAME, torchvision:NAME, transformers:CLASS, module:callable "
+            "or file.py:Class (e.g. torchvision:resnet18)"
+        )
+    kwargs = kwargs or {}
     try:
-        if module_name.endswith(".py"):
-            if not Path(module_name).is_file():
-                raise LoadError(f"--arch file {module_name} not found")
-            loader = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
-            module = importlib.util.module_from_spec(loader)
-            sys.modules[loader.name] = module
-            loader.loader.exec_module(module)
+        if module_name in REGISTRIES:
+            model = _from_registry(module_name, attr, kwargs)
         else:
-            module = importlib.import_module(module_name)
-        factory = getattr(module, attr)
+            factory = getattr(_import(module_name), attr)
+            model = factory(**kwargs)
+    except LoadError:
+        raise
     except (ImportError, AttributeError) as err:
-        raise LoadError(f"--arch {spec!r} cannot be imported: {err}") from err
-    try:
-        model = factory(**(kwargs or {}))
-    except TypeError as err:
-        raise LoadError(f"--arch {spec!r} could not be built with {kwargs or {}}: {err}") from err
+        raise LoadError(f"--arch {spec!r} cannot be imported: {_first_line(err)}") from err
+    except Exception as err:  # noqa: BLE001 - the user's constructor can raise anything
+        raise LoadError(f"--arch {spec!r} could not be built with {kwargs}: {_first_line(err)}") from err
     if not isinstance(model, nn.Module):
         raise LoadError(f"--arch {spec!r} returned {type(model).__name__}, not an nn.Module")
     return model
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
 def _kind(path: Path) -> str:
@@ -94,8 +151,15 @@ def _load_weights(path: Path, kind: str, trust_pickle: bool):
             f"{path} holds pickled Python objects (a whole nn.Module?), and unpickling runs code: "
             "pass --trust-pickle if you trust this file, or save model.state_dict() and use --arch"
         ) from err
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise LoadError(f"{path} is corrupt or truncated, or not a PyTorch file ({str(err).splitlines()[0]})") from err
+    except Exception as err:  # noqa: BLE001 - a text file named .pt fails with KeyError, IndexError, ...
+        raise LoadError(f"{path} is corrupt or truncated, or not a PyTorch file ({_first_line(err)})") from err
+
+
+def _looks_like_text(path: Path) -> bool:
+    """Whether the file starts like text (a PyTorch file is a zip, or a pickle starting with byte 0x80)."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    return bool(head) and not head.startswith(b"\x80") and b"\x00" not in head and head.isascii()
 
 
 def load_model(
@@ -124,6 +188,8 @@ def load_model(
         module = torch.fx.GraphModule(module, module.graph, "ExportedProgram")
         args = program.example_inputs[0] if program.example_inputs else None
         return module, args
+    if kind == "torch" and not zipfile.is_zipfile(path) and _looks_like_text(path):
+        raise LoadError(f"{path} is a text file, not a PyTorch file: give the file torch.save wrote")
     obj = _load_weights(path, kind, trust_pickle)
     if isinstance(obj, nn.Module):
         return obj.eval(), None
@@ -132,7 +198,7 @@ def load_model(
     model = build_arch(arch, arch_kwargs)
     try:
         model.load_state_dict(_state_dict(obj))
-    except RuntimeError as err:
+    except (RuntimeError, TypeError, ValueError) as err:
         detail = " ".join(line.strip() for line in str(err).splitlines()[1:])
         detail = detail if len(detail) < 300 else detail[:297] + "..."
         raise LoadError(f"the weights in {path} do not fit --arch {arch}: {detail}") from err
@@ -152,14 +218,15 @@ def parse_kwargs(text: str | None) -> dict:
 
 
 def infer_input_shape(model: nn.Module) -> tuple[int, ...]:
-    """A plausible input shape from the first linear or conv layer: images 224x224, signals 128."""
+    """A plausible input shape from the first linear or conv layer: images 224x224, signals 128,
+    a batch of ``EXAMPLE_BATCH`` (a batch of 1 lets tracers fix the batch size)."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
-            return (1, m.in_channels, 224, 224)
+            return (EXAMPLE_BATCH, m.in_channels, 224, 224)
         if isinstance(m, nn.Conv1d):
-            return (1, m.in_channels, 128)
+            return (EXAMPLE_BATCH, m.in_channels, 128)
         if isinstance(m, nn.Conv3d):
-            return (1, m.in_channels, 16, 64, 64)
+            return (EXAMPLE_BATCH, m.in_channels, 16, 64, 64)
         if isinstance(m, nn.Linear):
-            return (1, m.in_features)
-    raise LoadError("cannot infer the input shape: give --input-shape, e.g. 1,3,224,224")
+            return (EXAMPLE_BATCH, m.in_features)
+    raise LoadError("cannot infer the input shape: give --input-shape, e.g. 2,3,224,224")
