@@ -8,11 +8,17 @@ ops' definitions (:mod:`cosconvert.onnx.functions`) as model-local functions.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import logging
 import math
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import onnx
@@ -27,7 +33,7 @@ from torch import nn
 from cosconvert.freeze import freeze
 from cosconvert.onnx.functions import DOMAIN, VERSION, cosconvert_domain, function_protos
 
-__all__ = ["export_onnx"]
+__all__ = ["export_onnx", "ExportError", "file_sha256"]
 
 EXTERNAL_DATA_ABOVE = 2**31 - 2**26  # protobuf cannot serialize 2 GB; leave room for the graph
 _FLOATS = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"]
@@ -129,6 +135,109 @@ def _weight_bytes(proto: onnx.ModelProto) -> int:
     return total
 
 
+class ExportError(RuntimeError):
+    """An export that cannot be done as asked, in one line: why, and what to do."""
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_QUIET_LOGGERS = ("torch", "onnxscript", "onnx_ir", "onnx")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _silenced() -> Iterator[None]:
+    """Nothing from the exporter reaches the terminal: no warnings, no log records, no prints,
+    nothing C++ writes to file descriptors 1 and 2."""
+    loggers = [logging.getLogger(name) for name in _QUIET_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile() as sink, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.CRITICAL + 1)
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+            try:
+                os.dup2(sink.fileno(), 1)
+                os.dup2(sink.fileno(), 2)
+                yield
+            finally:
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+                for fd in saved:
+                    os.close(fd)
+                for lg, level in zip(loggers, levels):
+                    lg.setLevel(level)
+
+
+def _cause(err: BaseException) -> str:
+    """The innermost error's own first line, without the exporter's banner or colour codes."""
+    while err.__cause__ is not None or (err.__context__ is not None and not err.__suppress_context__):
+        err = err.__cause__ or err.__context__
+    lines = [ln.strip() for ln in _ANSI.sub("", str(err)).splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith(("For more information", "Traceback", "File "))]
+    text = " ".join(lines[:2]) if lines and lines[0].endswith(":") else (lines[0] if lines else "")
+    text = text if len(text) <= 300 else text[:297] + "..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _fixed_batch(proto: onnx.ModelProto) -> list[str]:
+    """Graph inputs whose first axis is a fixed number, not a symbol."""
+    initializers = {i.name for i in proto.graph.initializer}
+    fixed = []
+    for value in proto.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if value.name not in initializers and dims and dims[0].HasField("dim_value"):
+            fixed.append(f"{value.name} (batch {dims[0].dim_value})")
+    return fixed
+
+
+def _batch_of_two(inputs: tuple) -> tuple:
+    """Inputs with a batch of at least 2: exporting from a batch of 1 lets the tracer fix the batch to 1."""
+    return tuple(
+        torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == 1 else x for x in inputs
+    )
+
+
+@torch.no_grad()
+def _check_runs(model: nn.Module, inputs: tuple) -> None:
+    try:
+        model(*inputs)
+    except Exception as err:  # noqa: BLE001 - any failure here means the batch is fixed
+        batch = inputs[0].shape[0]
+        raise ExportError(
+            f"the model does not run at batch {batch} ({_cause(err)}), so its batch cannot be dynamic; export with "
+            "a fixed batch (--static-batch, or dynamic_batch=False) at the batch size you will run"
+        ) from err
+
+
+def _settings(model: nn.Module) -> dict:
+    report = getattr(model, "cosine_report", None)
+    return dict(report.settings) if report is not None else {}
+
+
+def _set_metadata(proto: onnx.ModelProto, model: nn.Module, fp16: bool, inline: bool, extra: Mapping) -> None:
+    from cosconvert import __version__
+
+    props = {
+        "cosconvert_version": __version__,
+        "conversion_settings": json.dumps(_settings(model), default=str, sort_keys=True),
+        "export_settings": json.dumps({"fp16": fp16, "inline": inline}),
+        **{k: str(v) for k, v in extra.items()},
+    }
+    kept = [p for p in proto.metadata_props if p.key not in props]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    for key, value in props.items():
+        proto.metadata_props.add(key=key, value=value)
+
+
 def export_onnx(
     model: nn.Module,
     example_inputs: Sequence[torch.Tensor] | torch.Tensor,
@@ -138,6 +247,8 @@ def export_onnx(
     opset: int | None = None,
     fp16: bool = False,
     inline: bool = False,
+    metadata: Mapping[str, str] | None = None,
+    verbose: bool = False,
 ) -> Path:
     """Export a converted ``model`` to ``path`` and return the path.
 
@@ -146,9 +257,15 @@ def export_onnx(
     functions, so onnxruntime and ``onnx.reference`` run it without a plugin. ``inline=True``
     writes the same network in standard ops only, each layer's path through the op's body
     folded to plain nodes (slower to export: about 7 s more for vit_b_16). ``fp16`` exports
-    in float16 (norms are still taken in float32 inside the ops). The batch dimension (dim 0
-    of every input) is dynamic unless ``dynamic_batch=False``. The file passes ``onnx.checker`` (full check) and
-    is written atomically; past 2 GB the weights go to ``<name>.data`` beside it.
+    in float16 (norms are still taken in float32 inside the ops).
+
+    The batch axis (dim 0 of every input) is dynamic unless ``dynamic_batch=False``:
+    an example batch of 1 is traced as 2, and where the model fixes its batch anyway, an
+    :class:`ExportError` says so and nothing is written. ``metadata_props`` carry the cosconvert
+    version, the conversion and export settings, and ``metadata``'s entries. The exporter's
+    logs, warnings and progress lines are shown only with ``verbose=True``; its failures become
+    one-line :class:`ExportError` messages. The file passes ``onnx.checker`` (full check) and is
+    written atomically; past 2 GB the weights go to ``<name>.data`` beside it.
     """
     path = Path(path)
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
@@ -158,15 +275,34 @@ def export_onnx(
         inputs = tuple(x.half() if x.is_floating_point() else x for x in inputs)
     dynamic_shapes = None
     if dynamic_batch:
+        inputs = _batch_of_two(inputs)
+        _check_runs(frozen, inputs)
         batch = torch.export.Dim("batch", min=1, max=65536)
         dynamic_shapes = tuple({0: batch} for _ in inputs)
-    program = torch.onnx.export(
-        frozen, inputs, dynamo=True, custom_translation_table=TRANSLATIONS, dynamic_shapes=dynamic_shapes,
-        opset_version=opset, optimize=True, verbose=False, report=False,
-    )  # fmt: skip
+    quiet = contextlib.nullcontext() if verbose else _silenced()
+    try:
+        with quiet:
+            program = torch.onnx.export(
+                frozen, inputs, dynamo=True, custom_translation_table=TRANSLATIONS, dynamic_shapes=dynamic_shapes,
+                opset_version=opset, optimize=True, verbose=verbose, report=False,
+            )  # fmt: skip
+    except Exception as err:  # noqa: BLE001 - the exporter raises many types, each with pages of context
+        cause = _cause(err)
+        if dynamic_batch and re.search(r"constraint|guard|specializ|inconsistent|dynamic|batch|\bs\d+\b", cause, re.I):
+            raise ExportError(
+                f"the batch axis cannot be exported as dynamic ({cause}); export with a fixed batch "
+                "(--static-batch, or dynamic_batch=False) at the batch size you will run"
+            ) from err
+        raise ExportError(f"torch.onnx.export failed: {cause}") from err
     proto = program.model_proto
     _add_functions(proto)
     if inline:
         proto = _inline(proto)
+    if dynamic_batch and (fixed := _fixed_batch(proto)):
+        raise ExportError(
+            f"the model fixes its batch size ({', '.join(fixed)}), so it cannot be exported with a dynamic batch; "
+            "export with a fixed batch (--static-batch, or dynamic_batch=False) at the batch size you will run"
+        )
+    _set_metadata(proto, model, fp16, inline, metadata or {})
     _write(proto, path)
     return path
