@@ -1,9 +1,23 @@
-"""Check that an exported file computes what the PyTorch model computes, on every runtime at hand.
+"""Check an exported file, and say what the check can and cannot vouch for.
 
-Tolerances depend on the file's float type: float32 passes when the largest absolute
-error is at most ``atol + rtol * max|reference|`` with ``rtol=1e-4, atol=1e-5``; float16
-with ``rtol=atol=1e-2``. "Relative error" is the largest absolute error over the largest
+Two questions, answered apart:
+
+- **Fidelity to the original**: how close the converted PyTorch model is to the network it was
+  converted from (output cosine, top-1 agreement, max relative error), on the inputs given.
+  A converted network is a different function until it is fine-tuned; this is measured, not judged.
+- **ONNX parity**: whether the file computes what the converted PyTorch model computes, on every
+  runtime at hand. This is the pass/fail verdict.
+
+Parity tolerances depend on the file's float type (float32: ``rtol=1e-4, atol=1e-5``; float16:
+``rtol=atol=1e-2``) and on the model's own conditioning: the converted model is run in float64 on
+the same inputs, and the file passes when its largest absolute error is at most
+``atol + max(rtol, SPREAD_FACTOR * spread) * max|reference|``, where ``spread`` is PyTorch's own
+float-vs-float64 relative error. "Relative error" is the largest absolute error over the largest
 reference magnitude, which stays meaningful where single outputs are near zero.
+
+Outputs that cannot tell a right file from a wrong one (non-finite, all zero, constant, or the
+same for different inputs, from the converted model or the original) make the verdict
+``inconclusive``, never ``pass``, with the reason.
 
 On failure the report names the first node that diverges: every ``cosconvert`` node's
 output in the runtime is compared with PyTorch's :func:`cosconvert.functional.conv_normalized`
@@ -12,6 +26,7 @@ output in the runtime is compared with PyTorch's :func:`cosconvert.functional.co
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import statistics
@@ -29,9 +44,10 @@ from torch import nn
 from cosconvert import functional as CF
 from cosconvert.onnx.functions import DOMAIN
 
-__all__ = ["validate", "ValidationReport", "available_providers", "TOLERANCES"]
+__all__ = ["validate", "fidelity", "ValidationReport", "available_providers", "TOLERANCES", "SPREAD_FACTOR"]
 
 TOLERANCES = {"float32": {"rtol": 1e-4, "atol": 1e-5}, "float16": {"rtol": 1e-2, "atol": 1e-2}}
+SPREAD_FACTOR = 4.0  # parity is judged against at least this multiple of PyTorch's own float-vs-float64 spread
 GPU_PROVIDERS = ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
 
 
@@ -49,18 +65,35 @@ class ProviderResult:
 
 @dataclass
 class ValidationReport:
+    """``results``: ONNX parity per provider. ``fidelity``: converted against original (with ``original=``).
+    ``spread``: the converted model's own float-vs-float64 relative error; ``parity_tolerance`` the
+    tolerance parity was judged against. ``inconclusive``: why the outputs cannot vouch for the file."""
+
     path: str
     dtype: str
     tolerance: dict
     batch_sizes: list[int]
+    inputs: str = "random inputs"
     results: list[ProviderResult] = field(default_factory=list)
+    fidelity: dict | None = None
+    spread: float | None = None
+    parity_tolerance: dict = field(default_factory=dict)
+    inconclusive: list[str] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        """``"fail"`` if any runtime differs beyond tolerance, else ``"inconclusive"`` if the outputs
+        cannot tell (see ``inconclusive``), else ``"pass"``."""
+        if not self.results or not all(r.passed for r in self.results):
+            return "fail"
+        return "inconclusive" if self.inconclusive else "pass"
 
     @property
     def passed(self) -> bool:
-        return bool(self.results) and all(r.passed for r in self.results)
+        return self.status == "pass"
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "passed": self.passed}
+        return {**asdict(self), "status": self.status, "passed": self.passed}
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -69,12 +102,22 @@ class ValidationReport:
         Path(path).write_text(self.to_json())
 
     def __str__(self) -> str:
-        head = f"{'provider':28} {'max abs':>10} {'max rel':>10} {'cosine':>9} {'top-1 %':>8} {'ms':>8}  result"
-        lines = [
-            f"{self.path} ({self.dtype}, batches {self.batch_sizes}, tolerance {self.tolerance})",
-            head,
-            "-" * len(head),
-        ]
+        lines = [f"{self.path} ({self.dtype}, batches {self.batch_sizes}, on {self.inputs})"]
+        if self.fidelity is not None:
+            f = self.fidelity
+            top1 = "-" if f["top1_agreement"] is None else f"{f['top1_agreement']:.1f}%"
+            lines.append(
+                f"fidelity to the original (converted vs original PyTorch): output cosine {f['cosine']:.6f}, "
+                f"top-1 agreement {top1}, max rel error {f['max_rel_error']:.2e}"
+            )
+        spread = "not measured" if self.spread is None else f"{self.spread:.2e}"
+        tol = self.parity_tolerance or self.tolerance
+        lines.append(
+            f"conditioning: converted model float vs float64 max rel {spread}; "
+            f"parity tolerance rtol {tol['rtol']:.1e}, atol {tol['atol']:.1e}"
+        )
+        head = f"{'ONNX parity: provider':28} {'max abs':>10} {'max rel':>10} {'cosine':>9} {'top-1 %':>8} {'ms':>8}  result"
+        lines += [head, "-" * len(head)]
         for r in self.results:
             top1 = "-" if r.top1_agreement is None else f"{r.top1_agreement:.1f}"
             verdict = "pass" if r.passed else f"FAIL (first divergence: {r.first_divergence})"
@@ -82,6 +125,8 @@ class ValidationReport:
                 f"{r.provider:28} {r.max_abs_error:10.2e} {r.max_rel_error:10.2e} {r.cosine:9.6f} {top1:>8} "
                 f"{r.latency_ms:8.2f}  {verdict}"
             )
+        verdict = self.status + (f": {'; '.join(self.inconclusive)}" if self.status == "inconclusive" else "")
+        lines.append(f"validation: {verdict}")
         return "\n".join(lines)
 
 
@@ -129,7 +174,21 @@ def _random_inputs(proto: onnx.ModelProto, batch_sizes: list[int]) -> list[list[
 
 def _session(path: str, provider: str, options: ort.SessionOptions | None = None) -> ort.InferenceSession:
     providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    options = options or ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: its warnings are not the user's business
     return ort.InferenceSession(path, options, providers=providers)
+
+
+def _fixed_batch(proto: onnx.ModelProto) -> int | None:
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    return dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
+
+
+def _to_batch(batches: list[list[np.ndarray]], size: int) -> list[list[np.ndarray]]:
+    """One batch of exactly ``size`` samples from the given ones (a file exported with a fixed batch)."""
+    rows = [np.concatenate([b[k] for b in batches]) for k in range(len(batches[0]))]
+    index = np.arange(size) % rows[0].shape[0]
+    return [[r[index] for r in rows]]
 
 
 def validate(
@@ -137,15 +196,19 @@ def validate(
     torch_model: nn.Module,
     inputs: list | None = None,
     *,
+    original: nn.Module | None = None,
+    inputs_name: str | None = None,
     providers: str | list[str] = "auto",
     rtol: float | None = None,
     atol: float | None = None,
     repeat: int = 5,
 ) -> ValidationReport:
-    """Run ``onnx_path`` on each provider and ``torch_model`` on the same inputs, and compare.
+    """Run ``onnx_path`` on each provider and ``torch_model`` (the converted model) on the same
+    inputs, and compare; with ``original``, also measure the converted model's fidelity to it.
 
     ``inputs``: a list of batches, each a tensor or a tuple of tensors; by default random
-    inputs of the file's input shapes at batch sizes 1 and 3.
+    inputs of the file's input shapes at batch sizes 1 and 3 (``inputs_name`` says in the
+    report what they are). A file with a fixed batch is fed that batch size. Prints nothing.
     """
     path = str(onnx_path)
     proto = onnx.load(path, load_external_data=False)
@@ -156,20 +219,115 @@ def validate(
         batches = _random_inputs(proto, [1, 3])
     else:
         batches = [[t.detach().cpu().numpy() for t in (b if isinstance(b, (tuple, list)) else (b,))] for b in inputs]
+        inputs_name = inputs_name or "the inputs given"
+    if (fixed := _fixed_batch(proto)) and any(b[0].shape[0] != fixed for b in batches):
+        batches = _to_batch(batches, fixed)
     expected = [_torch_outputs(torch_model.eval(), arrays) for arrays in batches]
-    report = ValidationReport(path, dtype, tol, [b[0].shape[0] for b in batches])
+    spread = _spread(torch_model, batches, expected)
+    parity = {**tol, "rtol": max(tol["rtol"], SPREAD_FACTOR * spread)} if spread is not None else dict(tol)
+    report = ValidationReport(path, dtype, tol, [b[0].shape[0] for b in batches], inputs_name or "random inputs",
+                              spread=spread, parity_tolerance=parity)  # fmt: skip
+    report.inconclusive = _degenerate("the converted model", batches, expected)
+    if original is not None:
+        from_original = [_torch_outputs(original.eval(), arrays) for arrays in batches]
+        report.inconclusive += _degenerate("the original", batches, from_original)
+        report.fidelity = _fidelity(expected, from_original)
     for provider in available_providers(providers):
-        report.results.append(_run_provider(path, provider, batches, expected, tol, repeat))
+        report.results.append(_run_provider(path, provider, batches, expected, parity, repeat))
     return report
 
 
 @torch.no_grad()
 def _torch_outputs(model: nn.Module, arrays: list[np.ndarray]) -> list[np.ndarray]:
-    """The model's outputs on numpy inputs, float inputs cast to the model's own device and dtype."""
+    """The model's outputs (float64 numpy) on numpy inputs, float inputs cast to the model's own device and dtype."""
     param = next(model.parameters(), torch.empty(0))
     inputs = [torch.from_numpy(a).to(param.device, param.dtype if a.dtype.kind == "f" else None) for a in arrays]
     leaves = torch.utils._pytree.tree_leaves(model(*inputs))
-    return [t.float().cpu().numpy() for t in leaves if isinstance(t, torch.Tensor)]
+    return [t.double().cpu().numpy() for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _spread(model: nn.Module, batches, expected) -> float | None:
+    """The largest relative difference between ``model`` in its own precision and a float64 copy of it."""
+    try:
+        double = copy.deepcopy(model).double()
+        worst = 0.0
+        for arrays, refs in zip(batches, expected):
+            for ref, exact in zip(refs, _torch_outputs(double, arrays)):
+                scale = float(np.abs(exact).max()) or 1.0
+                worst = max(worst, float(np.abs(ref - exact).max()) / scale)
+        return worst if np.isfinite(worst) else None
+    except Exception:  # noqa: BLE001 - a model that cannot run in float64 is judged at the plain tolerance
+        return None
+
+
+def _degenerate(whose: str, batches, outputs) -> list[str]:
+    """Why ``outputs`` (per batch, per output) cannot tell a right file from a wrong one, if they cannot."""
+    reasons = []
+    for k in range(len(outputs[0])):
+        name = whose if len(outputs[0]) == 1 else f"{whose} (output {k})"
+        flat = np.concatenate([out[k].ravel() for out in outputs])
+        if not np.isfinite(flat).all():
+            reasons.append(f"{name} gives non-finite outputs (NaN or inf)")
+        elif not flat.any():
+            reasons.append(f"every output of {name} is exactly 0")
+        elif flat.max() - flat.min() <= 1e-6 * np.abs(flat).max():
+            reasons.append(f"every output of {name} has the same value ({flat[0]:.6g})")
+        elif _same_for_different_inputs(batches, [out[k] for out in outputs]):
+            reasons.append(f"{name} gives the same output for different inputs")
+    return reasons
+
+
+def _same_for_different_inputs(batches, outputs) -> bool:
+    """Whether every sample whose input differs from its batch's first gets the first one's output."""
+    compared = False
+    for arrays, out in zip(batches, outputs):
+        x = arrays[0].reshape(arrays[0].shape[0], -1)
+        if out.ndim == 0 or out.shape[0] != x.shape[0]:
+            continue
+        y = out.reshape(out.shape[0], -1)
+        scale = float(np.abs(y).max()) or 1.0
+        for i in range(1, x.shape[0]):
+            if np.array_equal(x[i], x[0]):
+                continue
+            compared = True
+            if np.abs(y[i] - y[0]).max() > 1e-6 * scale:
+                return False
+    return compared
+
+
+def fidelity(converted: nn.Module, original: nn.Module, inputs: list) -> dict:
+    """How close ``converted`` is to ``original`` on ``inputs`` (a list of batches, each a tensor or a
+    tuple of tensors): ``cosine`` (of each sample's outputs, averaged), ``top1_agreement`` (%, for
+    class scores, else None), ``max_rel_error``, and ``inconclusive``: why the outputs cannot tell
+    (constant, zero, non-finite, the same for different inputs), empty when they can."""
+    batches = [[t.detach().cpu().numpy() for t in (b if isinstance(b, (tuple, list)) else (b,))] for b in inputs]
+    ours = [_torch_outputs(converted.eval(), arrays) for arrays in batches]
+    theirs = [_torch_outputs(original.eval(), arrays) for arrays in batches]
+    reasons = _degenerate("the converted model", batches, ours) + _degenerate("the original", batches, theirs)
+    return {**_fidelity(ours, theirs), "inconclusive": reasons}
+
+
+def _fidelity(converted, original) -> dict:
+    """Output cosine (mean over samples), top-1 agreement (%) and max relative error of converted against original."""
+    cosines, agree, count, worst = [], 0, 0, 0.0
+    for outs, refs in zip(converted, original):
+        for out, ref in zip(outs, refs):
+            worst = max(worst, float(np.abs(out - ref).max()) / (float(np.abs(ref).max()) or 1.0))
+            cosines.extend(_row_cosines(out, ref))
+            if ref.ndim == 2 and ref.shape[1] > 1:
+                agree += int((out.argmax(1) == ref.argmax(1)).sum())
+                count += ref.shape[0]
+    return {"cosine": float(np.mean(cosines)), "top1_agreement": 100.0 * agree / count if count else None,
+            "max_rel_error": worst}  # fmt: skip
+
+
+def _row_cosines(a: np.ndarray, b: np.ndarray) -> list[float]:
+    a, b = (
+        a.reshape(a.shape[0], -1) if a.ndim else a.reshape(1, 1),
+        b.reshape(b.shape[0], -1) if b.ndim else b.reshape(1, 1),
+    )
+    norms = np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+    return ((a * b).sum(1) / norms).tolist()
 
 
 def _run_provider(path, provider, batches, expected, tol, repeat) -> ProviderResult:
@@ -187,14 +345,11 @@ def _run_provider(path, provider, batches, expected, tol, repeat) -> ProviderRes
             times.append(time.perf_counter() - start)
         for out, ref in zip(outs, refs):
             out = out.astype(np.float64)
-            ref = ref.astype(np.float64)
             err = float(np.abs(out - ref).max())
             scale = float(np.abs(ref).max()) or 1.0
             max_abs, max_rel = max(max_abs, err), max(max_rel, err / scale)
             passed = passed and err <= tol["atol"] + tol["rtol"] * float(np.abs(ref).max())
-            a, b = out.reshape(out.shape[0], -1), ref.reshape(ref.shape[0], -1)
-            cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
-            cos_all.extend(cos.tolist())
+            cos_all.extend(_row_cosines(out, ref))
             if ref.ndim == 2 and ref.shape[1] > 1:
                 agree += int((out.argmax(1) == ref.argmax(1)).sum())
                 count += ref.shape[0]
