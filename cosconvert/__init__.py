@@ -3,6 +3,7 @@
 from cosconvert import functional, nn
 from cosconvert.calibration import calibrate
 from cosconvert.convert import convert, inspect, report_of
+from cosconvert.finetune import finetune  # the function: cosconvert.finetune(model, data, teacher=...)
 from cosconvert.freeze import freeze
 from cosconvert.onnx import export_onnx, validate
 from cosconvert.recipe import restore, save
@@ -17,6 +18,7 @@ __all__ = [
     "report_of",
     "calibrate",
     "freeze",
+    "finetune",
     "export_onnx",
     "validate",
     "save",

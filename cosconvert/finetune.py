@@ -103,17 +103,23 @@ def _plot(log: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [e["epoch"] for e in log]
-    metrics = [k for k in ("accuracy", "teacher_agreement") if any(k in e for e in log)]
-    fig, axes = plt.subplots(1, 1 + bool(metrics), figsize=(5 * (1 + bool(metrics)), 3.5), squeeze=False)
-    axes[0][0].plot(epochs, [e["loss"] for e in log], marker="o")
-    axes[0][0].set(xlabel="epoch", ylabel="training loss", title="loss")
-    for key in metrics:
-        axes[0][1].plot(epochs, [e.get(key) for e in log], marker="o", label=key.replace("_", " "))
-    if metrics:
-        axes[0][1].set(xlabel="epoch", ylabel="%", title="held-out data")
-        axes[0][1].legend()
+    fig, (loss, held) = plt.subplots(1, 2, figsize=(10, 3.5))
+    loss.plot(epochs, [e["loss"] for e in log], marker="o")
+    loss.set(xlabel="epoch", ylabel="training loss", title="loss")
+    for key, words in (("accuracy", "accuracy (labels)"), ("teacher_agreement", "top-1 agreement with the teacher")):
+        if any(key in e for e in log):
+            held.plot(epochs, [e.get(key, float("nan")) for e in log], marker="o", label=words)
+    held.set(xlabel="epoch", ylabel="%", title="held-out data")
+    if held.lines:
+        held.legend()
+    else:
+        held.text(0.5, 0.5, "no held-out data (eval_data)", ha="center", va="center", transform=held.transAxes)
+    for ax in (loss, held):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(0.5, max(epochs) + 0.5)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=100)
@@ -151,7 +157,8 @@ def finetune(
     checkpoint_every: int = 0,
     resume: bool = False,
     seed: int = 0,
-    progress: bool = True,
+    verbose: bool = False,
+    progress: bool | None = None,
 ) -> list[dict]:
     """Train ``model`` in place; returns the per-epoch log (loss, throughput, held-out metrics).
 
@@ -160,7 +167,13 @@ def finetune(
     ``"adamw"`` or ``"sgd"`` (momentum 0.9), both with a cosine schedule. AMP (bfloat16) on
     CUDA. A Dataset is batched with ``batch_size``; a DataLoader's own dataset and batch size
     are used, reshuffled with this run's seed so resuming is exact.
+
+    ``checkpoint_dir`` gets ``last.pt``, ``log.json``, ``log.csv`` and ``curves.png`` (loss, and
+    held-out accuracy and teacher agreement with ``eval_data``). With ``resume``, the log's entry
+    for the epoch it resumed in says ``resumed_at_step``. Prints progress only with ``verbose=True``
+    (``progress`` is its old name).
     """
+    verbose = verbose if progress is None else progress
     rank, world = _distributed()
     device = next(model.parameters()).device
     given = data if isinstance(data, DataLoader) else None
@@ -186,7 +199,7 @@ def finetune(
     folder = Path(checkpoint_dir) if checkpoint_dir else None
     ckpt = folder / "last.pt" if folder else None
     log: list[dict] = []
-    start_epoch, skip, epoch_rng = 0, 0, generator.get_state()
+    start_epoch, skip, epoch_rng, resumed = 0, 0, generator.get_state(), False
     if ckpt is not None and rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
     if resume and ckpt is not None and ckpt.exists():
@@ -197,6 +210,7 @@ def finetune(
         start_epoch, skip, epoch_rng = state["epoch"], state["step"], state["epoch_generator"]
         torch.set_rng_state(state["torch_rng"])  # dropout and the like continue where they were
         log = json.loads(state["log"])
+        resumed = True
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
 
     def save(epoch: int, step: int, rng_state: torch.Tensor) -> None:
@@ -214,7 +228,7 @@ def finetune(
         generator.set_state(epoch_rng)  # this epoch's shuffle, replayable on resume
         net.train()
         total, seen, started = 0.0, 0, time.perf_counter()
-        bar = tqdm(total=len(loader), initial=skip, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress or rank,
+        bar = tqdm(total=len(loader), initial=skip, desc=f"epoch {epoch + 1}/{epochs}", disable=not verbose or rank,
                    leave=False)  # fmt: skip
         for step, batch in enumerate(loader):
             if step < skip:
@@ -242,14 +256,16 @@ def finetune(
             if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < len(loader):
                 save(epoch, step + 1, epoch_rng)
         bar.close()
-        skip, epoch_rng = 0, generator.get_state()
         entry = {"epoch": epoch + 1, "loss": round(total / max(seen, 1), 5),
                  "samples_per_s": round(seen * world / (time.perf_counter() - started), 1)}  # fmt: skip
+        if resumed:
+            entry["resumed_at_step"], resumed = skip, False
+        skip, epoch_rng = 0, generator.get_state()
         if eval_data is not None and rank == 0:
             entry.update(evaluate(model, eval_data, teacher))
         log.append(entry)
         if rank == 0:
-            if progress:
+            if verbose:
                 tqdm.write(json.dumps(entry), file=sys.stderr)
             if folder is not None:
                 _write_logs(log, folder)
