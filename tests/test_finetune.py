@@ -47,27 +47,71 @@ class _Interrupting(TensorDataset):
         return super().__getitem__(index)
 
 
-def test_resume_after_interrupt_reaches_the_same_weights(tmp_path):
+def _assert_same_tensors(a: dict, b: dict, same: bool = True) -> None:
+    """Every tensor of two state_dicts equal (``same``), or at least one of them different."""
+    assert a.keys() == b.keys()
+    equal = [torch.equal(a[k], b[k]) for k in a]
+    assert all(equal) if same else not all(equal), dict(zip(a, equal))
+
+
+def _steps(lines: list[str]) -> list[list[int]]:
+    return [[int(i) for i in line.split()] for line in lines if line]
+
+
+@pytest.mark.slow
+def test_resume_after_interrupt_continues_from_the_checkpoint(tmp_path):
+    """Interrupted mid third epoch, after a checkpoint at its step 3: the resumed run trains only
+    the steps from there on, on the batches an uninterrupted run had there, and ends with its
+    weights (dropout's random state restored too). Resumed from a checkpoint whose weights were
+    altered, it ends elsewhere: the checkpoint is what it continues from."""
     x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    steps_per_epoch, every = 4, 3  # batches of 16
 
     def run(data, folder, resume=False):
         torch.manual_seed(0)
-        model = torch.nn.Linear(6, 3)
-        finetune(model, data, epochs=4, batch_size=16, checkpoint_dir=folder, resume=resume, progress=False)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Dropout(0.2), torch.nn.Linear(8, 3))
+        batches = []
+        model.register_forward_pre_hook(lambda m, inputs: batches.append(inputs[0].clone()) if m.training else None)
+        try:
+            model.log = finetune(model, data, epochs=4, batch_size=16, checkpoint_dir=folder,
+                                 checkpoint_every=every, resume=resume)  # fmt: skip
+        finally:
+            model.batches = batches
         return model
 
     full = run(TensorDataset(x, y), tmp_path / "full")
+    assert len(full.batches) == 4 * steps_per_epoch
     with pytest.raises(KeyboardInterrupt):
-        run(_Interrupting(x, y, after=64 * 2 + 20), tmp_path / "cut")  # mid third epoch
+        run(_Interrupting(x, y, after=64 * 2 + 16 * every + 5), tmp_path / "cut")  # mid third epoch, past step 3
+    saved = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert (saved["epoch"], saved["step"]) == (2, every)
+    done = saved["epoch"] * steps_per_epoch + saved["step"]
+    altered = tmp_path / "altered"
+    altered.mkdir()
+    saved["model"] = {k: v + 0.5 for k, v in saved["model"].items()}
+    torch.save(saved, altered / "last.pt")
+
     resumed = run(TensorDataset(x, y), tmp_path / "cut", resume=True)
-    torch.testing.assert_close(resumed.weight, full.weight, atol=0, rtol=0)
+    assert [e.get("resumed_at_step") for e in resumed.log] == [None, None, every, None]  # the log says where
+    assert len(resumed.batches) == len(full.batches) - done  # steps after resume
+    for got, want in zip(resumed.batches, full.batches[done:]):  # the samples seen after resume
+        assert torch.equal(got, want)
+    _assert_same_tensors(resumed.state_dict(), full.state_dict())
+    from_altered = run(TensorDataset(x, y), altered, resume=True)
+    assert len(from_altered.batches) == len(full.batches) - done
+    for key, value in from_altered.state_dict().items():
+        assert not torch.equal(value, full.state_dict()[key]), key
 
 
 SCRIPT = Path(__file__).parent / "scripts" / "finetune_run.py"
+sys.path.insert(0, str(SCRIPT.parent))
+import finetune_run  # noqa: E402 - the script's data, model and sizes
 
 
-def test_killed_run_resumes_to_the_same_weights(tmp_path):
-    """SIGKILL a real fine-tuning process mid-epoch, resume it, and compare with an uninterrupted run."""
+@pytest.mark.slow
+def test_killed_run_resumes_from_its_checkpoint(tmp_path):
+    """SIGKILL a real fine-tuning process mid-epoch and resume it: the resumed process runs exactly the
+    steps an uninterrupted run ran after the checkpoint, on the same samples, and ends with its weights."""
     full, cut = tmp_path / "full", tmp_path / "cut"
     full.mkdir(), cut.mkdir()
     subprocess.run([sys.executable, SCRIPT, full], check=True, timeout=300)
@@ -81,27 +125,62 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     proc.wait()
     assert ckpt.exists() and not (cut / "final-rank0.pt").exists()
     interrupted_at = torch.load(ckpt, weights_only=True)
-    assert (interrupted_at["epoch"], interrupted_at["step"]) < (3, 0)
+    per_epoch = finetune_run.SAMPLES // finetune_run.BATCH
+    done = interrupted_at["epoch"] * per_epoch + interrupted_at["step"]
+    assert 0 < done < finetune_run.EPOCHS * per_epoch
     subprocess.run([sys.executable, SCRIPT, cut, "--resume"], check=True, timeout=300)
+    full_steps = _steps((full / "steps-rank0.txt").read_text().splitlines())
+    before_kill = _steps((cut / "steps-rank0.txt").read_text().splitlines())
+    assert done <= len(before_kill) < len(full_steps) and before_kill == full_steps[: len(before_kill)]
+    assert _steps((cut / "steps-rank0-resumed.txt").read_text().splitlines()) == full_steps[done:]
+    log = json.loads((cut / "checkpoints" / "log.json").read_text())
+    assert log[interrupted_at["epoch"]].get("resumed_at_step") == interrupted_at["step"]
     a = torch.load(full / "final-rank0.pt", weights_only=True)
-    b = torch.load(cut / "final-rank0.pt", weights_only=True)
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], atol=0, rtol=0)
+    _assert_same_tensors(torch.load(cut / "final-rank0.pt", weights_only=True), a)
     assert {p.name for p in (cut / "checkpoints").iterdir()} == {"last.pt", "log.json", "log.csv", "curves.png"}
 
 
-def test_torchrun_two_processes(tmp_path):
-    """DDP on CPU (gloo): both ranks end with the same weights; only rank 0 writes checkpoints."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29571", SCRIPT, tmp_path]
+@pytest.mark.slow
+def test_torchrun_two_processes_share_the_data_and_average_gradients(tmp_path):
+    """DDP on CPU (gloo), on a free port: each rank trains on its own half of every epoch, the two
+    halves the dataset once; the weights equal one process trained on the same global batches
+    (the gradients were averaged); only rank 0 writes."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT, tmp_path,
+           "--dropout", "0", "--per-rank-dirs"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [_steps((tmp_path / f"steps-rank{r}.txt").read_text().splitlines()) for r in (0, 1)]
+    per_rank = finetune_run.SAMPLES // 2 // finetune_run.BATCH
+    assert len(ranks[0]) == len(ranks[1]) == finetune_run.EPOCHS * per_rank
+    for epoch in range(finetune_run.EPOCHS):
+        seen = [sum(steps[epoch * per_rank : (epoch + 1) * per_rank], []) for steps in ranks]
+        assert not set(seen[0]) & set(seen[1])
+        assert sorted(seen[0] + seen[1]) == list(range(finetune_run.SAMPLES))
+
+    # One process, the same global batches (torch's DistributedSampler order, two ranks' batches together).
+    x, y = finetune_run.data()
+    model = finetune_run.build(0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, finetune_run.EPOCHS * per_rank)
+    for epoch in range(finetune_run.EPOCHS):
+        order = torch.randperm(finetune_run.SAMPLES, generator=torch.Generator().manual_seed(epoch))
+        for batch in order.split(2 * finetune_run.BATCH):
+            loss = torch.nn.functional.cross_entropy(model(x[batch]), y[batch])
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
     r0 = torch.load(tmp_path / "final-rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "final-rank1.pt", weights_only=True)
-    for key in r0:
-        torch.testing.assert_close(r1[key], r0[key], atol=0, rtol=0)
-    assert {p.name for p in (tmp_path / "checkpoints").iterdir()} == {"last.pt", "log.json", "log.csv", "curves.png"}
-    log = json.loads((tmp_path / "checkpoints" / "log.json").read_text())
-    assert len(log) == 3
+    _assert_same_tensors(r1, r0)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(r0[key], value, atol=1e-5, rtol=1e-5)
+    assert not (tmp_path / "checkpoints-rank1").exists()
+    assert {p.name for p in (tmp_path / "checkpoints-rank0").iterdir()} == {"last.pt", "log.json", "log.csv",
+                                                                          "curves.png"}  # fmt: skip
+    log = json.loads((tmp_path / "checkpoints-rank0" / "log.json").read_text())
+    assert len(log) == finetune_run.EPOCHS
 
 
 class _Dicts(torch.utils.data.Dataset):
