@@ -13,6 +13,7 @@ Where the pass stripped a normalizer after the layer, the target includes that n
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 
 import torch
@@ -108,7 +109,7 @@ def calibrate(converted: nn.Module, original: nn.Module, data: Iterable, max_bat
     """Fit every cosine layer's gain and bias to the original layers' outputs on ``data``
     (batches of inputs, or (inputs, labels)). Returns agreement with ``original`` before and
     after, also stored in the conversion report when there is one."""
-    batches = list(data)[:max_batches]
+    batches = list(itertools.islice(data, max_batches))  # no more than that taken from a stream
     modes = converted.training, original.training
     converted.eval(), original.eval()
     before = agreement(original, converted, batches)

@@ -164,9 +164,10 @@ def finetune(
 
     With a ``teacher``, the loss is distillation (plus ``loss_fn``, cross-entropy by default,
     where batches carry labels); without one, ``loss_fn`` on the labels. ``optimizer``:
-    ``"adamw"`` or ``"sgd"`` (momentum 0.9), both with a cosine schedule. AMP (bfloat16) on
-    CUDA. A Dataset is batched with ``batch_size``; a DataLoader's own dataset and batch size
-    are used, reshuffled with this run's seed so resuming is exact.
+    ``"adamw"`` or ``"sgd"`` (momentum 0.9), both with a cosine schedule (a constant rate on an
+    ``IterableDataset`` with no length). AMP (bfloat16) on CUDA. A Dataset is batched with
+    ``batch_size``; a DataLoader's own dataset and batch size are used, reshuffled with this
+    run's seed so resuming is exact.
 
     ``checkpoint_dir`` gets ``last.pt``, ``log.json``, ``log.csv`` and ``curves.png`` (loss, and
     held-out accuracy and teacher agreement with ``eval_data``). With ``resume``, the log's entry
@@ -194,7 +195,11 @@ def finetune(
         opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
     else:
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs * len(loader)))
+    steps = len(loader) if not isinstance(dataset, IterableDataset) or hasattr(dataset, "__len__") else None
+    if steps is None:  # a stream of unknown length: no schedule to spread over it, the learning rate stays
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    else:
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs * steps))
     loss_fn = loss_fn or F.cross_entropy
     folder = Path(checkpoint_dir) if checkpoint_dir else None
     ckpt = folder / "last.pt" if folder else None
@@ -228,7 +233,7 @@ def finetune(
         generator.set_state(epoch_rng)  # this epoch's shuffle, replayable on resume
         net.train()
         total, seen, started = 0.0, 0, time.perf_counter()
-        bar = tqdm(total=len(loader), initial=skip, desc=f"epoch {epoch + 1}/{epochs}", disable=not verbose or rank,
+        bar = tqdm(total=steps, initial=skip, desc=f"epoch {epoch + 1}/{epochs}", disable=not verbose or rank,
                    leave=False)  # fmt: skip
         for step, batch in enumerate(loader):
             if step < skip:
@@ -253,7 +258,7 @@ def finetune(
             seen += out.shape[0]
             bar.update(1)
             bar.set_postfix(loss=f"{total / seen:.4f}", samples_s=f"{seen / (time.perf_counter() - started):.0f}")
-            if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < len(loader):
+            if checkpoint_every and (step + 1) % checkpoint_every == 0 and (steps is None or step + 1 < steps):
                 save(epoch, step + 1, epoch_rng)
         bar.close()
         entry = {"epoch": epoch + 1, "loss": round(total / max(seen, 1), 5),
