@@ -1,15 +1,19 @@
-"""Cosine normalization for code that fx cannot see into.
+"""Cosine normalization for code that fx cannot see into, and the run-time check of it.
 
-:class:`CosineCalls` is a ``TorchFunctionMode`` that runs every ``F.linear`` /
-``F.convNd`` call made while it is active as its cosine twin. The converter uses it
-around the few places a graph pass cannot rewrite: functions that fx records as
-opaque leaves (``torch.fx.wrap``) and submodules whose forward cannot be traced.
+:class:`CosineCalls` is a ``TorchFunctionMode`` that runs every dot-product layer call made
+while it is active (``F.linear``, ``F.convNd``, and ``torch.addmm`` with a weight
+``Parameter`` as its matrix, as transformers' ``Conv1D`` computes a linear layer) as its
+cosine twin. The converter uses it around the few places a graph pass cannot rewrite:
+functions that fx records as opaque leaves (``torch.fx.wrap``) and modules whose forward
+cannot be traced faithfully. :class:`DotProductCalls` watches a run and records which layer
+calls ran plain and which :class:`CosineCalls` turned into cosines.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +21,18 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from cosconvert import functional as CF
+from cosconvert.nn import _CosineMixin
+
+ADDMM = (torch.addmm, torch.ops.aten.addmm.default)
+
+
+def cosine_addmm(
+    input: Tensor, mat1: Tensor, mat2: Tensor, *, centered: bool = False, eps: float = 1e-6, gain: Tensor | None = None
+) -> Tensor:
+    """``addmm(bias, x, W)`` as a linear layer (transformers' ``Conv1D``, ``W`` of shape (in, out)):
+    ``x (N, in)`` -> ``(N, out)``, each output ``gain * cos(W[:, j], x) + bias_j``."""
+    return CF.cosine_linear(mat1, mat2.t(), input, centered=centered, eps=eps, gain=gain)
+
 
 # Every spelling of a dot-product layer that Python code can call, and its cosine twin.
 TWINS: dict[Callable, Callable] = {
@@ -32,18 +48,70 @@ TWINS: dict[Callable, Callable] = {
 }
 
 
-class CosineCalls(TorchFunctionMode):
-    """Redirects linear and conv calls to their cosine twins while active.
+def is_weight(t) -> bool:
+    """A ``Parameter``, or a view of one (a slice, a transpose)."""
+    return isinstance(t, nn.Parameter) or (isinstance(t, Tensor) and isinstance(t._base, nn.Parameter))
 
-    ``gains`` pairs weights with the gain to use for them (a weight not listed gets none);
-    a slice of a listed weight (as ``nn.MultiheadAttention`` takes of ``in_proj_weight``)
-    gets the matching slice of its gain.
+
+def layer_weight(func, args: tuple, kwargs: dict) -> Tensor | None:
+    """The weight operand of a dot-product layer call (the matrix of a linear ``addmm``), else None."""
+    if func in TWINS:
+        return args[1] if len(args) > 1 else kwargs.get("weight")
+    if func in ADDMM and len(args) >= 3 and is_weight(args[2]) and kwargs.get("beta", 1) == kwargs.get("alpha", 1) == 1:
+        return args[2]
+    return None
+
+
+_plain_depth = 0  # > 0 while a layer call is deliberately left plain (excluded): no CosineCalls takes it
+
+
+@contextmanager
+def leave_plain() -> Iterator[None]:
+    """The layer calls made inside stay dot products, whatever :class:`CosineCalls` is active."""
+    global _plain_depth
+    _plain_depth += 1
+    try:
+        yield
+    finally:
+        _plain_depth -= 1
+
+
+def plain_function(fn: Callable) -> Callable:
+    """``fn`` run under :func:`leave_plain` (an excluded functional call inside a fallback)."""
+
+    @functools.wraps(fn)
+    def plain(*args, **kwargs):
+        with leave_plain():
+            return fn(*args, **kwargs)
+
+    plain.__module__ = __name__
+    return plain
+
+
+_watchers: list[DotProductCalls] = []
+
+
+class CosineCalls(TorchFunctionMode):
+    """Redirects dot-product layer calls to their cosine twins while active.
+
+    ``gains`` pairs weights with the gain to use for them (a weight not listed gets
+    ``layer_gain``, else none); a slice of a listed weight (as ``nn.MultiheadAttention``
+    takes of ``in_proj_weight``) gets the matching slice of its gain. Calls on a weight in
+    ``plain`` (excluded layers) stay dot products.
     """
 
-    def __init__(self, centered: bool = False, eps: float = 1e-6, gains: Iterable[tuple[Tensor, Tensor]] = ()):
+    def __init__(
+        self,
+        centered: bool = False,
+        eps: float = 1e-6,
+        gains: Iterable[tuple[Tensor, Tensor]] = (),
+        plain: Iterable[Tensor] = (),
+        layer_gain: Tensor | None = None,
+    ):
         super().__init__()
-        self.centered, self.eps = centered, eps
+        self.centered, self.eps, self.layer_gain = centered, eps, layer_gain
         self.gains = {id(w): g for w, g in gains if g is not None}
+        self.plain = {id(w) for w in plain}
 
     def _gain(self, weight: Tensor) -> Tensor | None:
         gain = self.gains.get(id(weight))
@@ -53,20 +121,63 @@ class CosineCalls(TorchFunctionMode):
             if gain.numel() > 1:
                 first = (weight.storage_offset() - base.storage_offset()) // base.stride(0)
                 gain = gain[first : first + weight.shape[0]]
-        return gain
+        return self.layer_gain if gain is None else gain
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        twin = TWINS.get(func)
-        if twin is None or CF.in_cosine_math():  # the cosine math's own calls stay plain
+        weight = None if _plain_depth or CF.in_cosine_math() else layer_weight(func, args, kwargs)
+        if weight is None:  # not a layer call, the cosine math's own calls, or one left plain on purpose
             return func(*args, **kwargs)
-        weight = args[1] if len(args) > 1 else kwargs["weight"]
-        return twin(*args, **kwargs, centered=self.centered, eps=self.eps, gain=self._gain(weight))
+        if id(weight) in self.plain or (weight._base is not None and id(weight._base) in self.plain):
+            with leave_plain():
+                return func(*args, **kwargs)
+        for watcher in _watchers:
+            watcher.cosine(func, weight)
+        if func in ADDMM:
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("beta", "alpha")}
+            return cosine_addmm(*args, **kwargs, centered=self.centered, eps=self.eps, gain=self._gain(weight))
+        return TWINS[func](*args, **kwargs, centered=self.centered, eps=self.eps, gain=self._gain(weight))
+
+
+class DotProductCalls(TorchFunctionMode):
+    """Records, during a run, the layer calls that ran as plain dot products (``plain``) and
+    those :class:`CosineCalls` ran as cosines (``cosine_calls``): lists of (function name, weight).
+    Layers converted in a graph or as cosine modules make neither kind of call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.plain: list[tuple[str, Tensor]] = []
+        self.cosine_calls: list[tuple[str, Tensor]] = []
+
+    def __enter__(self):
+        _watchers.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _watchers.remove(self)
+        return super().__exit__(*exc)
+
+    def cosine(self, func, weight: Tensor) -> None:
+        self._record(self.cosine_calls, _name(func), weight)
+
+    def _record(self, calls: list, func: str, weight: Tensor) -> None:
+        calls.append((func, weight))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        weight = None if CF.in_cosine_math() else layer_weight(func, args, kwargs)
+        if weight is not None:
+            self._record(self.plain, _name(func), weight)
+        return func(*args, **kwargs)
+
+
+def _name(func) -> str:
+    return "addmm" if func in ADDMM else getattr(func, "__name__", str(func)).split(".")[0]
 
 
 def gains_of(module: nn.Module) -> list[tuple[Tensor, Tensor]]:
     """(weight, gain) of every cosine layer inside ``module``."""
-    return [(m.weight, m.gain) for m in module.modules() if hasattr(m, "gain") and hasattr(m, "weight")]
+    return [(m.weight, m.gain) for m in module.modules() if isinstance(m, _CosineMixin) and hasattr(m, "weight")]
 
 
 def scoped_function(fn: Callable, centered: bool, eps: float) -> Callable:
@@ -84,17 +195,35 @@ def scoped_function(fn: Callable, centered: bool, eps: float) -> Callable:
 @functools.cache
 def scoped_class(cls: type[nn.Module]) -> type[nn.Module]:
     """A subclass of ``cls`` whose forward runs under :class:`CosineCalls`, with the fast
-    paths of ``nn.MultiheadAttention`` and the transformer layers switched off."""
+    paths of ``nn.MultiheadAttention`` and the transformer layers switched off.
+
+    The instance holds ``_cosine_settings`` (centered, eps), ``_cosine_plain`` (names of the
+    parameters whose calls stay plain) and, for a layer, ``cosine_gain`` (its calls' gain)."""
 
     @functools.wraps(cls.forward)  # keeps the signature, which torch.export reads
     def forward(self, *args, **kwargs):
         centered, eps = self._cosine_settings
-        fastpath = torch.backends.mha.get_fastpath_enabled()
-        torch.backends.mha.set_fastpath_enabled(False)
+        plain = [self.get_parameter(name) for name in self.__dict__.get("_cosine_plain", ())]
+        layer_gain = self._parameters.get("cosine_gain")
+        mha = torch.backends.mha  # its flag set directly: torch.compile traces that, not set_fastpath_enabled
+        fastpath, mha._is_fastpath_enabled = mha._is_fastpath_enabled, False
         try:
-            with CosineCalls(centered, eps, gains_of(self)):
+            with CosineCalls(centered, eps, gains_of(self), plain, layer_gain):
                 return cls.forward(self, *args, **kwargs)
         finally:
-            torch.backends.mha.set_fastpath_enabled(fastpath)
+            mha._is_fastpath_enabled = fastpath
+
+    return type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__, "_cosine_scoped": True})
+
+
+@functools.cache
+def plain_class(cls: type[nn.Module]) -> type[nn.Module]:
+    """A subclass of ``cls`` whose layer calls stay dot products under any :class:`CosineCalls`
+    (an excluded layer with its own forward, inside a fallback)."""
+
+    @functools.wraps(cls.forward)
+    def forward(self, *args, **kwargs):
+        with leave_plain():
+            return cls.forward(self, *args, **kwargs)
 
     return type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__, "_cosine_scoped": True})

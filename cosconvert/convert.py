@@ -1,25 +1,34 @@
 """``convert(model)``: the torch.fx pass that turns a network into its cosine-normalized twin.
 
-The pass traces the model with fx, treating linear, conv, attention and normalization
-layers as leaves, and then:
+The original is first run once on example inputs (the user's, or inputs inferred from its
+first layer), keeping what each module receives (:mod:`cosconvert.capture`). The pass then
+traces the model with fx, treating linear, conv, attention and normalization layers as
+leaves, checks the graph against the module on those inputs, and:
 
-1. swaps every ``nn.Linear`` / ``nn.ConvNd`` / ``nn.MultiheadAttention`` (subclasses too)
-   for its :mod:`cosconvert.nn` twin, with a copy of its weights;
-2. points every functional call (``F.linear``, ``F.conv2d``, ``torch.conv2d``, ...) at its
-   :mod:`cosconvert.functional` twin;
-3. strips the normalizers when asked (``"drop"``, or ``"fold"`` their affine into the layer
-   before them);
+1. swaps every ``nn.Linear`` / ``nn.ConvNd`` / ``nn.MultiheadAttention`` that keeps its torch
+   forward for its :mod:`cosconvert.nn` twin, with a copy of its weights; a subclass with a
+   forward of its own (same-padding, weight standardization, LoRA) is traced on its own, so
+   its calls are rewritten on the operands they really receive;
+2. points every functional call (``F.linear``, ``F.conv2d``, ``torch.conv2d``, a linear
+   ``torch.addmm``, ...) at its cosine twin;
+3. strips the normalizers on the activation path when asked (``"drop"``, or ``"fold"`` their
+   affine into the layer before them); a normalizer of a weight is that weight's transform;
 4. runs functions fx records as opaque leaves under :class:`~cosconvert.calls.CosineCalls`.
 
-A module that cannot be traced (data-dependent control flow, unsupported Python) is
-converted by fallback: each child is converted on its own and the module's own forward
-runs under :class:`~cosconvert.calls.CosineCalls`. The report says where and what that cost.
+A module that cannot be traced (data-dependent control flow, unsupported Python), whose graph
+disagrees with it, or whose forward takes optional inputs (a graph would fix which are given)
+is converted by fallback: each child is converted on its own and the module's own forward
+runs under :class:`~cosconvert.calls.CosineCalls`. Finally the converted model runs once on
+the example inputs under :class:`~cosconvert.calls.DotProductCalls`, and the report lists the
+layers as they really ran.
 """
 
 from __future__ import annotations
 
 import copy
 import fnmatch
+import inspect as pyinspect
+import operator
 import traceback
 import types
 from collections.abc import Iterable, Sequence
@@ -29,7 +38,18 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from cosconvert.calls import TWINS, scoped_class, scoped_function
+from cosconvert.calls import (
+    ADDMM,
+    TWINS,
+    DotProductCalls,
+    cosine_addmm,
+    is_weight,
+    plain_class,
+    plain_function,
+    scoped_class,
+    scoped_function,
+)
+from cosconvert.capture import Capture, example_batch, optional_inputs, quiet
 from cosconvert.nn import (
     GAINS,
     CosineConv1d,
@@ -66,6 +86,14 @@ UNCONVERTIBLE = {
 }
 LEAVES = (*LAYERS, *UNCONVERTIBLE, _CosineMixin)
 _NORM_FORWARDS = {cls.forward for cls in (*NORMS, nn.SyncBatchNorm)}
+_LAYER_FORWARDS = {cls.forward for cls in LAYERS}
+
+
+def _own_forward(m: nn.Module) -> bool:
+    """A linear/conv/attention subclass with a forward of its own (timm's ``Conv2dSame`` pads,
+    ``StdConv2d`` standardizes its weight, a LoRA wrapper adds a branch): swapping it for a twin
+    would lose what its forward does, so it is traced (or run under CosineCalls) instead."""
+    return isinstance(m, tuple(LAYERS)) and not isinstance(m, _CosineMixin) and type(m).forward not in _LAYER_FORWARDS
 
 
 def _is_norm(m: nn.Module) -> bool:
@@ -75,7 +103,12 @@ def _is_norm(m: nn.Module) -> bool:
 
 
 def _is_leaf(m: nn.Module) -> bool:
-    return isinstance(m, LEAVES) or _is_norm(m)
+    return isinstance(m, LEAVES) or _is_norm(m) or _done(m)
+
+
+def _done(m: nn.Module) -> bool:
+    """Converted already: run under CosineCalls, or running a rewritten graph."""
+    return getattr(type(m), "_cosine_scoped", False) or getattr(type(m), "_cosine_graph", False)
 
 
 STRIP_MODES = (False, "drop", "fold")
@@ -92,7 +125,17 @@ NORM_FUNCTIONS = {
     torch.group_norm: (2, 3, 1),
     torch.layer_norm: (2, 3, -1),
     torch.rms_norm: (2, None, -1),
+    # ATen spellings, as in the graphs of torch.export programs (.pt2)
+    torch.ops.aten.batch_norm.default: (1, 2, 1),
+    torch.ops.aten._native_batch_norm_legit_no_training.default: (1, 2, 1),
+    torch.ops.aten.instance_norm.default: (1, 2, 1),
+    torch.ops.aten.group_norm.default: (2, 3, 1),
+    torch.ops.aten.layer_norm.default: (2, 3, -1),
+    torch.ops.aten.native_layer_norm.default: (2, 3, -1),
+    torch.ops.aten.rms_norm.default: (2, None, -1),
 }
+# Those that return (output, statistics...): their users take item 0.
+_TUPLE_NORMS = {torch.ops.aten._native_batch_norm_legit_no_training.default, torch.ops.aten.native_layer_norm.default}
 
 
 def affine(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, channel_dim: int) -> torch.Tensor:
@@ -165,11 +208,14 @@ def _user_location(err: BaseException) -> str:
 
 
 class _Pass:
-    def __init__(self, report: ConversionReport, centered, strip_norms, include, exclude, gain, eps) -> None:
-        self.report = report
+    def __init__(
+        self, report: ConversionReport, capture: Capture, centered, strip_norms, include, exclude, gain, eps
+    ) -> None:
+        self.report, self.capture = report, capture
         self.centered, self.strip, self.gain, self.eps = centered, strip_norms, gain, eps
         self.include, self.exclude = include, exclude
         self._new_gains = 0
+        self._in_fallback = 0  # > 0 while converting the children of a module run under CosineCalls
 
     # -- selection ---------------------------------------------------------------------------
     def selected(self, name: str, module: nn.Module | None) -> bool:
@@ -183,43 +229,60 @@ class _Pass:
             return False
         return not (self.exclude is not None and matches(self.exclude))
 
+    def _skip(self, name: str, kind: str, reason: str) -> None:
+        self.report.skipped.append({"name": name, "type": kind, "reason": reason})
+
     # -- modules ------------------------------------------------------------------------------
-    def run(self, module: nn.Module, path: str) -> nn.Module:
-        """The converted ``module`` (a new GraphModule, or ``module`` changed in place)."""
+    def run(self, module: nn.Module, path: str, root: bool = False) -> nn.Module:
+        """The converted ``module``: a new GraphModule at the root, else ``module`` changed in place
+        (its class kept, so the Python around it still finds its attributes), or its twin."""
         if _is_norm(module):
             return self.strip_leaf(module, path)
-        if isinstance(module, LEAVES):
+        if _done(module):
+            return module
+        if isinstance(module, LEAVES) and not _own_forward(module):
             return self.swap(module, path)
         if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
             self.convert_children(module, path)
             return module
+        if _own_forward(module) and not self.selected(path, module):
+            self._skip(path, type(module).__name__, "excluded by include/exclude")
+            if self._in_fallback:  # its calls would otherwise meet the fallback's CosineCalls
+                module.__class__ = plain_class(type(module))
+            return module
+        optional = optional_inputs(module)
+        if optional:
+            reason = (
+                f"its forward takes optional inputs ({', '.join(f'{n}=None' for n in optional)}): "
+                "a traced graph would fix which of them are given"
+            )
+            return self.fallback(module, path, reason, _forward_location(module))
         try:
             gm = _trace(module)
         except Exception as err:  # noqa: BLE001 - any failure to trace means fallback
-            return self.fallback(module, path, err)
-        self.rewrite(gm, path)
-        return gm
+            return self.fallback(module, path, _reason(err), _user_location(err))
+        mismatch = self.capture.check(gm, module)
+        if mismatch is not None:
+            return self.fallback(module, path, mismatch, _forward_location(module))
+        self.rewrite(gm, path, _out_units(module))
+        return gm if root else _graft(module, gm)
 
     def swap(self, m: nn.Module, name: str) -> nn.Module:
         """``m``'s cosine twin, or ``m`` itself (reported) where it cannot or should not be converted."""
-        if isinstance(m, _CosineMixin):
-            return m
         for base, reason in UNCONVERTIBLE.items():
             if isinstance(m, base):
-                self.report.skipped.append({"name": name, "type": type(m).__name__, "reason": reason})
+                self._skip(name, type(m).__name__, reason)
                 return m
         twin_cls = next((twin for base, twin in LAYERS.items() if isinstance(m, base)), None)
         if twin_cls is None:
             return m
         if not self.selected(name, m):
-            self.report.skipped.append(
-                {"name": name, "type": type(m).__name__, "reason": "excluded by include/exclude"}
-            )
+            self._skip(name, type(m).__name__, "excluded by include/exclude")
             return m
         try:
             twin = twin_cls.from_module(m, centered=self.centered, gain=self.gain, eps=self.eps)
         except (NotImplementedError, TypeError) as err:
-            self.report.skipped.append({"name": name, "type": type(m).__name__, "reason": str(err)})
+            self._skip(name, type(m).__name__, str(err))
             return m
         kind = "attention" if twin_cls is CosineMultiheadAttention else "module"
         self.report.converted.append(
@@ -233,31 +296,57 @@ class _Pass:
             if new is not child:
                 setattr(module, name, new)
 
-    def fallback(self, module: nn.Module, path: str, err: Exception) -> nn.Module:
+    def fallback(self, module: nn.Module, path: str, reason: str, location: str) -> nn.Module:
+        """``module`` with its children converted on their own and its forward run under CosineCalls."""
         self.report.fallbacks.append({
-            "name": path or "<root>",
-            "reason": f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}",
-            "location": _user_location(err),
-            "limits": "its own F.linear/conv calls run as cosine at run time without gain; "
-            "its functional normalizers are kept; nothing folded",
+            "name": path or "<root>", "reason": reason, "location": location,
+            "limits": "its own F.linear/conv calls run as cosine at run time"
+            + ("" if _own_forward(module) else " without gain")
+            + "; its functional normalizers are kept; nothing folded",
         })  # fmt: skip
-        self.convert_children(module, path)
+        # Calls on the weights of layers left as dot products stay plain under the fallback's CosineCalls.
+        module._cosine_plain = tuple(
+            _join(owner, pname)
+            for owner, m in module.named_modules()
+            for pname, _ in m.named_parameters(recurse=False)
+            if isinstance(m, tuple(UNCONVERTIBLE)) or not self.selected(_join(path, owner), m)
+        )
+        self._in_fallback += 1
+        try:
+            self.convert_children(module, path)
+        finally:
+            self._in_fallback -= 1
+        if _own_forward(module):  # a layer: its calls are its own, with its gain
+            units = _out_units(module) if self.gain == "channel" else 1
+            if self.gain != "none" and units:
+                like = module.weight
+                module.register_parameter(
+                    "cosine_gain", nn.Parameter(torch.ones(units, device=like.device, dtype=like.dtype))
+                )
+            self.report.converted.append({
+                "name": path, "kind": "run-time", "source": type(module).__name__,
+                "target": "CosineCalls (its forward, with its own padding and weight transform)",
+            })  # fmt: skip
         module._cosine_settings = (self.centered, self.eps)
         module.__class__ = scoped_class(type(module))
         return module
 
     # -- graph ---------------------------------------------------------------------------------
-    def rewrite(self, gm: fx.GraphModule, prefix: str) -> None:
+    def rewrite(self, gm: fx.GraphModule, prefix: str, units: int | None = None) -> None:
+        """Convert ``gm``'s layers and calls in place; ``units``: output units of the layer ``gm``
+        was traced from, if it is one (the gain of its functional calls)."""
         for name, m in list(gm.named_modules()):
-            if name and not _inside_leaf(gm, name):
-                new = m if _is_norm(m) else self.swap(m, _join(prefix, name))
+            if name and _is_leaf(m) and not _is_norm(m) and not _inside_leaf(gm, name):
+                new = self.run(m, _join(prefix, name))
                 if new is not m:
                     gm.set_submodule(name, new)
         for node in list(gm.graph.nodes):
             if node.op == "call_module" and _is_norm(gm.get_submodule(node.target)):
                 self.strip_node(gm, node, prefix)
             elif node.op == "call_function" and node.target in TWINS:
-                self.rewrite_functional(gm, node, prefix)
+                self.rewrite_functional(gm, node, prefix, units)
+            elif node.op == "call_function" and node.target in ADDMM and _weight_operand(gm, node.args[2:3]):
+                self.rewrite_functional(gm, node, prefix, units)
             elif node.op == "call_function" and node.target in NORM_FUNCTIONS:
                 self.strip_function(gm, node, prefix)
             elif node.op == "call_function" and _is_opaque(node.target):
@@ -266,36 +355,44 @@ class _Pass:
         gm.delete_all_unused_submodules()
         gm.recompile()
 
-    def rewrite_functional(self, gm: fx.GraphModule, node: fx.Node, prefix: str) -> None:
+    def rewrite_functional(self, gm: fx.GraphModule, node: fx.Node, prefix: str, units: int | None) -> None:
         name = _join(prefix, _node_path(node))
+        source = getattr(node.target, "__name__", str(node.target))
         if not self.selected(name, None):
-            self.report.skipped.append(
-                {"name": name, "type": node.target.__name__, "reason": "excluded by include/exclude"}
-            )
+            self._skip(name, source, "excluded by include/exclude")
+            if self._in_fallback:  # the fallback's CosineCalls would otherwise take it
+                node.target = plain_function(node.target)
             return
-        weight = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
-        gain = self.gain_node(gm, node, weight) if self.gain != "none" else None
-        source = node.target.__name__
-        node.target = TWINS[node.target]
+        addmm = node.target in ADDMM
+        if addmm:
+            weight = node.args[2]
+        else:
+            weight = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
+        gain = self.gain_node(gm, node, weight, units, addmm) if self.gain != "none" else None
+        node.target = cosine_addmm if addmm else TWINS[node.target]
         node.kwargs = {**node.kwargs, "centered": self.centered, "eps": self.eps, "gain": gain}
         self.report.converted.append(
             {"name": name, "kind": "functional", "source": source, "target": node.target.__name__}
         )
 
-    def gain_node(self, gm: fx.GraphModule, node: fx.Node, weight) -> fx.Node | None:
+    def gain_node(self, gm: fx.GraphModule, node: fx.Node, weight, units: int | None, addmm: bool) -> fx.Node | None:
         """The gain for a functional call: its weight's owner's, where the weight is a cosine layer's,
-        else a new parameter on ``gm`` (one per output unit where the weight's shape is known)."""
+        else a new parameter on ``gm``, one per output unit (of the weight, or of the layer ``gm``
+        was traced from) with ``gain="channel"``."""
         owner_path, attr, owner = _owner(gm, weight)
         with gm.graph.inserting_before(node):
-            if isinstance(owner, _CosineMixin) and attr == "weight":
+            if isinstance(owner, _CosineMixin) and attr == "weight" and not addmm:
                 return None if owner.gain is None else gm.graph.get_attr(_join(owner_path, "gain"))
-            units = 1
-            if _is_get_attr(weight) and self.gain == "channel":
-                units = _fetch(gm, weight.target).shape[0]
+            count = 1
+            if self.gain == "channel":
+                if _is_get_attr(weight):
+                    count = _fetch(gm, weight.target).shape[1 if addmm else 0]
+                elif units:
+                    count = units
             like = next(gm.parameters(), torch.empty(0))
             name = f"cosine_gain_{self._new_gains}"
             self._new_gains += 1
-            gm.register_parameter(name, nn.Parameter(torch.ones(units, device=like.device, dtype=like.dtype)))
+            gm.register_parameter(name, nn.Parameter(torch.ones(count, device=like.device, dtype=like.dtype)))
             return gm.graph.get_attr(name)
 
     def scope_function(self, gm: fx.GraphModule, node: fx.Node, prefix: str) -> None:
@@ -326,7 +423,7 @@ class _Pass:
         return nn.Identity()
 
     def strip_node(self, gm: fx.GraphModule, node: fx.Node, prefix: str) -> None:
-        if not self.strip:
+        if not self.strip or _from_constants(node.args[0]):  # a weight's normalizer is its transform
             return
         norm = gm.get_submodule(node.target)
         name = _join(prefix, node.target)
@@ -351,7 +448,7 @@ class _Pass:
         gm.graph.erase_node(node)
 
     def strip_function(self, gm: fx.GraphModule, node: fx.Node, prefix: str) -> None:
-        if not self.strip:
+        if not self.strip or _from_constants(node.args[0]):  # a weight's normalizer is its transform
             return
         w_at, b_at, channel_dim = NORM_FUNCTIONS[node.target]
 
@@ -362,15 +459,26 @@ class _Pass:
 
         weight, bias = arg(w_at, "weight"), arg(b_at, "bias")
         name = _join(prefix, _node_path(node))
-        if self.strip == "fold" and (weight is not None or bias is not None):
-            node.target, node.args, node.kwargs = affine, (node.args[0], weight, bias, channel_dim), {}
-            self._stripped(name, node.name, "kept as affine (functional)")
-            return
-        node.replace_all_uses_with(node.args[0])
+        outputs = [node]
+        if node.target in _TUPLE_NORMS:  # only its output (item 0) may be used, not its statistics
+            outputs = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
+            if len(outputs) != len(node.users):
+                return
+        fold = self.strip == "fold" and (weight is not None or bias is not None)
+        if fold:
+            with gm.graph.inserting_before(node):
+                value = gm.graph.call_function(affine, (node.args[0], weight, bias, channel_dim))
+            self._stripped(name, _function_name(node.target), "kept as affine (functional)")
+        else:
+            value = node.args[0]
+            self._stripped(name, _function_name(node.target), "dropped")
+        for out in outputs:
+            out.replace_all_uses_with(value)
+            if out is not node:
+                gm.graph.erase_node(out)
         gm.graph.erase_node(node)
-        self._stripped(name, node.name, "dropped")
 
-    def _stripped(self, name: str, norm, action: str) -> None:
+    def _stripped(self, name: str, norm: nn.Module | str, action: str) -> None:
         kind = norm if isinstance(norm, str) else type(norm).__name__
         self.report.stripped.append({"name": name, "type": kind, "action": action})
 
@@ -406,6 +514,78 @@ def _fold(layer: _CosineMixin, norm: nn.Module) -> None:
 
 def _is_get_attr(node) -> bool:
     return isinstance(node, fx.Node) and node.op == "get_attr"
+
+
+def _from_constants(node) -> bool:
+    """True if ``node``'s value derives from parameters and constants alone, not from the inputs:
+    a normalizer over it (StdConv's ``batch_norm`` over its weight) transforms a weight."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            return False
+        todo.extend(n.all_input_nodes)
+    return True
+
+
+def _weight_operand(gm: fx.GraphModule, args) -> bool:
+    """True if ``args`` is one ``get_attr`` of a parameter (a view of one counts): addmm's matrix."""
+    if not args or not _is_get_attr(args[0]):
+        return False
+    return is_weight(_fetch(gm, args[0].target))
+
+
+def _function_name(target) -> str:
+    return getattr(target, "__name__", str(target))
+
+
+def _out_units(module: nn.Module) -> int | None:
+    """Output units of a linear/conv layer, else None."""
+    return getattr(module, "out_features", None) or getattr(module, "out_channels", None)
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _forward_location(module: nn.Module) -> str:
+    """Where ``module``'s forward is defined."""
+    forward = type(module).forward
+    try:
+        return f"{pyinspect.getsourcefile(forward)}:{pyinspect.getsourcelines(forward)[1]} in {forward.__qualname__}"
+    except (OSError, TypeError):
+        return forward.__qualname__
+
+
+def _graft(module: nn.Module, gm: fx.GraphModule) -> nn.Module:
+    """``module`` running ``gm``'s code as its forward, with ``gm``'s converted submodules and new
+    attributes (gains) set in it: its class, attributes and methods stay, so a parent run by
+    fallback still finds them (``self.attn.resolution``)."""
+    for name, sub in gm.named_modules():
+        if name and module.get_submodule(name) is not sub:
+            module.set_submodule(name, sub)
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        owner_path, _, attr = node.target.rpartition(".")
+        value, owner = _fetch(gm, node.target), module.get_submodule(owner_path)
+        if getattr(owner, attr, None) is value:
+            continue
+        if isinstance(value, nn.Parameter):
+            owner.register_parameter(attr, value)
+        elif attr in gm.get_submodule(owner_path)._buffers:
+            owner.register_buffer(attr, value)
+        else:
+            setattr(owner, attr, value)
+    cls = type(module)
+    module.__class__ = type(cls.__name__, (cls,), {
+        "forward": type(gm).forward, "__module__": cls.__module__, "_cosine_graph": True,
+    })  # fmt: skip
+    return module
 
 
 def _owner(gm: fx.GraphModule, node) -> tuple[str, str, nn.Module | None]:
@@ -487,8 +667,20 @@ def convert(
         "include": _names(include), "exclude": _names(exclude),
     }  # fmt: skip
     report = ConversionReport(settings=settings)
-    converted = _Pass(report, centered, strip_norms, include, exclude, gain, eps).run(copy.deepcopy(model), "")
+    work = copy.deepcopy(model)
+    watched = [m for m in work.modules() if not _is_leaf(m) or _own_forward(m)]
+    capture = Capture(work, example_batch(example_inputs, calibration_data), watched)
+    passes = _Pass(report, capture, centered, strip_norms, include, exclude, gain, eps)
+    converted = passes.run(work, "", root=True)
     report.parameters = {"original": _count(model), "converted": _count(converted)}
+    report.checks = {
+        "inputs": capture.source or "none: the model did not run on inputs inferred from its first layer; "
+        "pass example_inputs to check its graphs and layers",
+        "graphs checked": capture.checked,
+        "graphs that disagreed (converted by fallback)": capture.disagreed,
+    }
+    if capture.example is not None:
+        _verify(converted, report, *capture.example)
     _attach(converted, report)
     if example_inputs is not None:
         _check_outputs(model, converted, example_inputs)
@@ -497,6 +689,66 @@ def convert(
 
         calibrate(converted, model, calibration_data)
     return converted
+
+
+def _verify(converted: nn.Module, report: ConversionReport, args: tuple, kwargs: dict) -> None:
+    """Run ``converted`` once and make the report say how its layers really ran: a layer call that
+    ran as a plain dot product is listed as skipped (never converted), and a call CosineCalls ran
+    as a cosine is listed as converted."""
+    owners = {}
+    for path, m in converted.named_modules():
+        for p in m.parameters(recurse=False):
+            owners.setdefault(id(p), path)
+    stack: list[str] = []
+
+    def leave(*_) -> None:
+        stack.pop()
+
+    hooks = []
+    for path, m in converted.named_modules():
+        hooks.append(m.register_forward_pre_hook(lambda *_, path=path: stack.append(path)))
+        hooks.append(m.register_forward_hook(leave))
+    spy = _Attributing(owners, stack)
+    try:
+        with quiet(converted), spy:
+            converted(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001 - say so, do not fail the conversion
+        report.checks["run-time check"] = f"the converted model failed on the example inputs: {_reason(err)}"
+        return
+    finally:
+        for hook in hooks:
+            hook.remove()
+    report.checks["run-time check"] = (
+        f"{len(spy.plain)} layer calls ran as plain dot products, {len(spy.cosine_calls)} ran under CosineCalls"
+    )
+    listed = lambda rows, name: any(r["name"] == name or r["name"].startswith(name + ".") for r in rows)  # noqa: E731
+    for func, name in dict.fromkeys(spy.plain):
+        report.converted = [r for r in report.converted if r["name"] != name]
+        if not listed(report.skipped, name):
+            report.skipped.append({
+                "name": name, "type": func, "reason": "ran as a plain dot product on the example inputs",
+            })  # fmt: skip
+    plain = {name for _, name in spy.plain}
+    for func, name in dict.fromkeys(spy.cosine_calls):
+        if name not in plain and not listed(report.converted, name):
+            report.converted.append({"name": name, "kind": "run-time", "source": func, "target": "CosineCalls"})
+
+
+class _Attributing(DotProductCalls):
+    """:class:`DotProductCalls` that names each call's layer: the module owning its weight, else
+    the innermost module running."""
+
+    def __init__(self, owners: dict[int, str], stack: list[str]) -> None:
+        super().__init__()
+        self.owners, self.stack = owners, stack
+
+    def _record(self, calls: list, func: str, weight: torch.Tensor) -> None:
+        owner = self.owners.get(id(weight))
+        if owner is None and weight._base is not None:
+            owner = self.owners.get(id(weight._base))
+        if owner is None:
+            owner = self.stack[-1] if self.stack else ""
+        calls.append((func, owner or "<root>"))
 
 
 def _names(patterns) -> list[str] | None:

@@ -12,8 +12,10 @@ class ConversionReport:
 
     ``converted`` rows: name, kind (``module``, ``functional``, ``attention`` or ``run-time``),
     source and target. ``skipped``: name, type and reason. ``stripped``: name, type and what
-    became of it. ``fallbacks``: module name, why it could not be traced, where, and what the
-    fallback could not do there.
+    became of it. ``fallbacks``: module name, why it could not be traced (or why its graph was
+    not trusted), where, and what the fallback could not do there. ``checks``: the inputs the
+    graphs were checked on, how many were checked, and what the run-time check of the converted
+    model found (the rows above already say how each layer really ran there).
     """
 
     settings: dict = field(default_factory=dict)
@@ -22,6 +24,7 @@ class ConversionReport:
     stripped: list[dict] = field(default_factory=list)
     fallbacks: list[dict] = field(default_factory=list)
     parameters: dict = field(default_factory=dict)
+    checks: dict = field(default_factory=dict)
     calibration: dict | None = None
 
     def to_dict(self) -> dict:
@@ -54,6 +57,8 @@ class ConversionReport:
         if self.parameters:
             p = self.parameters
             lines.append(f"parameters: {p['original']:,} -> {p['converted']:,}")
+        if self.checks:
+            lines.append("checks: " + "; ".join(f"{k}: {v}" for k, v in self.checks.items()))
         if self.calibration:
             lines.append("calibration: " + ", ".join(f"{k} {v}" for k, v in self.calibration.items()))
         return "\n".join(lines).rstrip()

@@ -1,0 +1,158 @@
+"""Example inputs for every module of a model, and the check that a traced graph computes what
+its module computes on them.
+
+fx traces with stand-in values, so a graph can silently fix what the Python code decided at
+trace time (an optional input being ``None``, a branch taken). :class:`Capture` runs the
+original model once on example inputs, keeping what each module received; :meth:`Capture.check`
+then runs a module's graph on those inputs against the module itself.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves, tree_map
+
+__all__ = ["Capture", "example_batch", "optional_inputs", "quiet"]
+
+_IMAGE_SIZES = (32, 224)  # small first (fast); 224 for models with a fixed input size
+
+
+def optional_inputs(module: nn.Module) -> list[str]:
+    """Names of ``module.forward``'s inputs that default to ``None``: a graph traced once would
+    fix whether each is given."""
+    try:
+        params = inspect.signature(type(module).forward).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.default is None and p.kind is not p.VAR_KEYWORD]
+
+
+def _candidates(model: nn.Module) -> list[tuple[tuple, str]]:
+    """Inputs built from the model's first embedding, conv or linear layer: (args, description)."""
+    first = next((m for m in model.modules() if isinstance(m, (nn.Embedding, nn.modules.conv._ConvNd, nn.Linear))), None)
+    if first is None or first.weight.is_meta:
+        return []
+    like = first.weight
+    if isinstance(first, nn.Embedding):
+        ids = torch.randint(0, min(first.num_embeddings, 1000), (2, 7), device=like.device)
+        return [((ids,), "token ids (2, 7) inferred from the first embedding")]
+    if isinstance(first, nn.Linear):
+        shapes = [(2, first.in_features)]
+    elif first.weight.dim() == 3:
+        shapes = [(2, first.in_channels, 64)]
+    elif first.weight.dim() == 5:
+        shapes = [(1, first.in_channels, 8, 32, 32)]
+    else:
+        shapes = [(2 if size < 100 else 1, first.in_channels, size, size) for size in _IMAGE_SIZES]
+    return [((torch.randn(s, device=like.device, dtype=like.dtype),), f"shape {s} inferred from the first layer") for s in shapes]
+
+
+def example_batch(example_inputs, calibration_data: Iterable | None) -> tuple[tuple, dict, str] | None:
+    """(args, kwargs, where from) of the user's inputs: ``example_inputs`` (a tuple, a tensor or a
+    dict of keyword inputs) or the first batch of ``calibration_data``; None if neither."""
+    if example_inputs is not None:
+        if isinstance(example_inputs, dict):
+            return (), dict(example_inputs), "example_inputs"
+        args = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        return tuple(args), {}, "example_inputs"
+    if calibration_data is not None:
+        from cosconvert.calibration import batch_inputs
+
+        for batch in calibration_data:
+            return batch_inputs(batch), {}, "the first calibration batch"
+    return None
+
+
+@contextmanager
+def quiet(model: nn.Module):
+    """No gradients, the same random numbers each run (dropout), and buffers (BatchNorm's running
+    statistics) put back afterwards."""
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        try:
+            yield
+        finally:
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+
+
+def _clone(tree):
+    return tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, tree)
+
+
+class Capture:
+    """What each module of ``model`` received on one run (its first call), and where the inputs came
+    from. ``model`` is run once, unchanged; ``modules`` limits which modules are recorded."""
+
+    def __init__(self, model: nn.Module, batch: tuple[tuple, dict, str] | None, modules: Iterable[nn.Module]) -> None:
+        self.inputs: dict[nn.Module, tuple[tuple, dict]] = {}
+        self.source: str | None = None
+        self.checked, self.disagreed = 0, 0
+        tries = [(batch[0], batch[1], batch[2])] if batch is not None else [
+            (args, {}, what) for args, what in _candidates(model)
+        ]  # fmt: skip
+        watched = list(modules)
+        for args, kwargs, what in tries:
+            if self._record(model, watched, args, kwargs):
+                self.source = what
+                self.example = (args, kwargs)
+                return
+            self.inputs.clear()
+        self.example = None
+
+    def _record(self, model: nn.Module, watched: list[nn.Module], args: tuple, kwargs: dict) -> bool:
+        def hook(module, a, k):
+            if module not in self.inputs:
+                self.inputs[module] = _clone((a, k))
+
+        handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in watched]
+        try:
+            with quiet(model):
+                model(*args, **kwargs)
+            return True
+        except Exception:  # noqa: BLE001 - any failure means these inputs do not fit the model
+            return False
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def check(self, graph: nn.Module, module: nn.Module) -> str | None:
+        """Why ``graph`` (traced from ``module``, not rewritten yet) is not ``module`` on its
+        example inputs, or None if they agree or there are no inputs to check on."""
+        if module not in self.inputs:
+            return None
+        args, kwargs = self.inputs[module]
+        self.checked += 1
+        with quiet(module):
+            expected = module(*_clone(args), **_clone(kwargs))
+        try:
+            with quiet(module):
+                got = graph(*_clone(args), **_clone(kwargs))
+        except Exception as err:  # noqa: BLE001 - a graph that fails where its module runs is wrong
+            self.disagreed += 1
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            return f"its traced graph fails on the example inputs ({type(err).__name__}: {first[:120]})"
+        reason = _disagreement(expected, got)
+        self.disagreed += reason is not None
+        return reason
+
+
+def _disagreement(expected, got) -> str | None:
+    want, have = tree_leaves(expected), tree_leaves(got)
+    want, have = [t for t in want if isinstance(t, Tensor)], [t for t in have if isinstance(t, Tensor)]
+    if [t.shape for t in want] != [t.shape for t in have]:
+        return "its traced graph gives outputs of other shapes than the module on the example inputs"
+    for a, b in zip(want, have):
+        if a.is_floating_point():
+            scale = a.abs().max().item() if a.numel() else 0.0
+            if not torch.allclose(a, b, rtol=1e-4, atol=1e-5 * max(scale, 1e-6), equal_nan=True):
+                return "its traced graph computes other values than the module on the example inputs"
+        elif not torch.equal(a, b):
+            return "its traced graph computes other values than the module on the example inputs"
+    return None
