@@ -9,6 +9,7 @@ from torch import nn
 
 import cosconvert
 from cosconvert.calibration import agreement
+from cosconvert.convert import STRIP_MODES
 from cosconvert.nn import CosineConv2d, CosineLinear
 
 
@@ -192,3 +193,123 @@ def test_bad_arguments():
         cosconvert.convert(nn.Linear(2, 2), strip_norms="yes")
     with pytest.raises(ValueError, match="gain"):
         cosconvert.convert(nn.Linear(2, 2), gain="big")
+
+
+def _nontrivial(norm: nn.Module) -> nn.Module:
+    """A normalizer with gamma, beta and running statistics far from their fresh values."""
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn_like(norm.weight) * 1.5)
+        norm.bias.copy_(torch.randn_like(norm.bias))
+        if getattr(norm, "running_mean", None) is not None:
+            norm.running_mean.copy_(torch.randn_like(norm.running_mean))
+            norm.running_var.copy_(torch.rand_like(norm.running_var) + 0.5)
+    return norm.eval()
+
+
+FOLDS = {  # layer, normalizer, input shape
+    "conv2d+BatchNorm2d": (lambda: nn.Conv2d(3, 6, 3, padding=1), lambda: nn.BatchNorm2d(6), (2, 3, 5, 5)),
+    "conv1d+BatchNorm1d": (lambda: nn.Conv1d(3, 6, 3, stride=2), lambda: nn.BatchNorm1d(6), (2, 3, 9)),
+    "linear+BatchNorm1d": (lambda: nn.Linear(5, 6), lambda: nn.BatchNorm1d(6), (4, 5)),
+    "linear+LayerNorm": (lambda: nn.Linear(5, 6), lambda: nn.LayerNorm(6), (2, 3, 5)),
+    "conv2d+GroupNorm": (lambda: nn.Conv2d(4, 6, 3, groups=2), lambda: nn.GroupNorm(3, 6), (2, 4, 6, 6)),
+}
+
+
+def _affine(h: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """gamma * h + beta per channel, float64: the reference for what a folded normalizer leaves."""
+    shape = [1] * h.dim()
+    shape[channel_dim] = -1
+    return h * norm_weight.double().view(shape) + norm_bias.double().view(shape)
+
+
+@pytest.mark.parametrize("gain", ["channel", "scalar", "none"])
+@pytest.mark.parametrize("case", list(FOLDS))
+def test_fold_is_exactly_the_cosine_then_the_norms_affine(case, gain):
+    """strip_norms="fold" drops the normalization and keeps its learned scale and shift: the folded
+    layer outputs gamma * (cos + b) + beta, whatever the norm's running statistics."""
+    make_layer, make_norm, shape = FOLDS[case]
+    layer, norm = make_layer(), _nontrivial(make_norm())
+    model = nn.Sequential(layer, norm).eval()
+    x = torch.randn(shape)
+    folded = cosconvert.convert(model, strip_norms="fold", gain=gain)
+    assert norm_layers(folded) == [] and [r["action"] for r in folded.cosine_report.stripped] == ["folded into 0"]
+    out, dots, norms = run_and_spy(folded, x)
+    assert dots == [] and norms == []
+    if isinstance(layer, nn.Linear):
+        cos = linear_reference(x, layer.weight, layer.bias)
+    else:
+        cos = cosine_reference(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+    channel_dim = -1 if isinstance(norm, nn.LayerNorm) else 1
+    ref = _affine(cos, norm.weight, norm.bias, channel_dim).detach()
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
+
+
+class FunctionalNorms(nn.Module):
+    """Layers followed by F.batch_norm (running statistics), F.group_norm and F.layer_norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.fc = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 4, 1), nn.Linear(4, 5)
+        self.register_buffer("mean", torch.randn(6))
+        self.register_buffer("var", torch.rand(6) + 0.5)
+        self.bn_w, self.bn_b = nn.Parameter(torch.randn(6)), nn.Parameter(torch.randn(6))
+        self.gn_w, self.gn_b = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(4))
+        self.ln_w, self.ln_b = nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(5))
+
+    def forward(self, x):
+        x = F.batch_norm(self.conv1(x), self.mean, self.var, self.bn_w, self.bn_b, training=False)
+        x = F.group_norm(self.conv2(x), 2, self.gn_w, self.gn_b)
+        return F.layer_norm(self.fc(x.mean((2, 3))), (5,), self.ln_w, self.ln_b)
+
+
+def test_fold_functional_norms_keeps_exactly_their_affine():
+    model = FunctionalNorms().eval()
+    x = torch.randn(2, 3, 6, 6)
+    folded = cosconvert.convert(model, strip_norms="fold", gain="none")
+    out, dots, norms = run_and_spy(folded, x)
+    assert dots == [] and norms == []
+    assert [r["action"] for r in folded.cosine_report.stripped] == ["kept as affine (functional)"] * 3
+    m = model
+    h = _affine(cosine_reference(x, m.conv1.weight, m.conv1.bias, padding=1), m.bn_w, m.bn_b, 1)
+    h = _affine(cosine_reference(h, m.conv2.weight, m.conv2.bias), m.gn_w, m.gn_b, 1)
+    ref = _affine(linear_reference(h.mean((2, 3)), m.fc.weight, m.fc.bias), m.ln_w, m.ln_b, -1)
+    torch.testing.assert_close(out.double(), ref.detach(), atol=2e-5, rtol=1e-5)
+
+
+class BNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), _nontrivial(nn.BatchNorm2d(6)), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())  # fmt: skip
+        self.head = nn.Sequential(nn.Linear(6, 8), _nontrivial(nn.LayerNorm(8)), nn.Linear(8, 4))
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+
+    def forward(self, x):
+        h = self.head(self.body(x)).unsqueeze(1)
+        return self.attn(h, h, h, need_weights=False)[0].squeeze(1)
+
+
+@pytest.mark.parametrize("make", [BNNet, Functional], ids=["modules", "functional"])
+def test_the_original_is_untouched_by_value(make):
+    """convert (every strip mode, centered too), calibrate and freeze leave every tensor of the
+    original's state_dict, buffers included, as it was; freeze leaves the converted one too."""
+    model = make().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [torch.randn(4, 3, 6, 6) for _ in range(2)]
+
+    def assert_untouched(reference: dict, module: nn.Module, what: str) -> None:
+        now = module.state_dict()
+        assert now.keys() == reference.keys(), what
+        changed = [k for k in reference if not torch.equal(now[k], reference[k])]
+        assert changed == [], f"{what} changed {changed}"
+
+    for strip in STRIP_MODES:
+        converted = cosconvert.convert(model, strip_norms=strip, centered=bool(strip), calibration_data=batches)
+        assert_untouched(before, model, f"convert(strip_norms={strip!r}) with calibration")
+    cosconvert.calibrate(converted, model, batches)
+    assert_untouched(before, model, "calibrate")
+    converted_before = {k: v.clone() for k, v in converted.state_dict().items()}
+    with torch.no_grad():
+        cosconvert.freeze(converted)(batches[0])
+    assert_untouched(before, model, "freeze")
+    assert_untouched(converted_before, converted, "freeze (of the converted model)")

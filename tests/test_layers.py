@@ -1,5 +1,6 @@
 """The cosine layers against an independent float64 unfold reference."""
 
+import copy
 import math
 
 import pytest
@@ -11,6 +12,7 @@ from reference import cosine_reference, linear_reference
 from torch import nn
 
 from cosconvert import functional as CF
+from cosconvert.freeze import freeze
 from cosconvert.nn import CosineConv1d, CosineConv2d, CosineConv3d, CosineLinear, CosineMultiheadAttention
 
 CONVS = {1: CF.cosine_conv1d, 2: CF.cosine_conv2d, 3: CF.cosine_conv3d}
@@ -226,7 +228,6 @@ def test_attention_projections_are_cosine(batch_first):
     mha = nn.MultiheadAttention(8, 2, batch_first=batch_first)
     cos = CosineMultiheadAttention.from_module(mha, centered=True)
     q = torch.randn(3, 5, 8)
-    kpm = torch.zeros(3 if batch_first else 5, 5 if batch_first else 3, dtype=torch.bool)
     out, weights = cos(q, q, q, need_weights=True)
     # Reference: the same attention with projections by the float64 reference.
     qq = q if batch_first else q.transpose(0, 1)
@@ -240,8 +241,104 @@ def test_attention_projections_are_cosine(batch_first):
     ref = ref if batch_first else ref.transpose(0, 1)
     torch.testing.assert_close(out.double(), ref.detach(), atol=1e-5, rtol=0)
     torch.testing.assert_close(weights.double(), att.mean(1).detach(), atol=1e-5, rtol=0)
-    fast, _ = cos(q, q, q, need_weights=False, key_padding_mask=kpm)
+    fast, _ = cos(q, q, q, need_weights=False)
     torch.testing.assert_close(fast, out, atol=1e-5, rtol=0)
+
+
+def _reference_attention(mha: nn.MultiheadAttention, twin: CosineMultiheadAttention, monkeypatch, *args, **kwargs):
+    """``mha`` itself, in float64, with every projection (torch's own ``F.linear`` calls, packed or
+    sliced) replaced by the float64 reference cosine with its rows of ``twin``'s gains."""
+    ref = copy.deepcopy(mha).double().eval()
+    gain = None if twin.gain is None else twin.gain.detach().double()
+    out_gain = None if twin.out_proj.gain is None else twin.out_proj.gain.detach().double()
+    separate = [ref.q_proj_weight, ref.k_proj_weight, ref.v_proj_weight]
+
+    def rows(w):
+        if w is ref.out_proj.weight:
+            return out_gain
+        if ref._qkv_same_embed_dim:
+            assert w.untyped_storage().data_ptr() == ref.in_proj_weight.untyped_storage().data_ptr()
+            start = (w.storage_offset() - ref.in_proj_weight.storage_offset()) // w.shape[1]
+        else:
+            start = ref.embed_dim * next(i for i, p in enumerate(separate) if p is w)
+        return gain if gain is None or gain.numel() == 1 else gain[start : start + w.shape[0]]
+
+    def cosine_linear(x, w, b=None):
+        return linear_reference(x, w, b, centered=twin.centered, gain=rows(w))
+
+    monkeypatch.setattr(F, "linear", cosine_linear)  # torch's attention calls the module-level name
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        double = lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
+        with torch.no_grad():
+            return ref(*map(double, args), **{k: double(v) for k, v in kwargs.items()})
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        monkeypatch.undo()
+
+
+ATTENTION = {  # constructor kwargs, then (L, S, N) and the call's extra arguments
+    "self, key padding": ({}, "self", {"key_padding_mask": "some"}),
+    "cross, bool attn_mask": ({}, "cross", {"attn_mask": "bool"}),
+    "float 3-d attn_mask and key padding": ({}, "cross", {"attn_mask": "float3d", "key_padding_mask": "float"}),
+    "is_causal": ({}, "self", {"is_causal": True}),
+    "unbatched, key padding": ({}, "unbatched", {"key_padding_mask": "some"}),
+    "kdim vdim, centered": ({"kdim": 5, "vdim": 3, "centered": True}, "cross", {"key_padding_mask": "some"}),
+}
+
+
+@pytest.mark.parametrize("need_weights", [True, False], ids=["weights", "sdpa"])
+@pytest.mark.parametrize("gain", ["channel", "scalar"])
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
+@pytest.mark.parametrize("case", list(ATTENTION))
+def test_attention_against_torch_with_cosine_projections(case, batch_first, gain, need_weights, monkeypatch):
+    """Masks that mask, causal attention, unbatched input, separate kdim/vdim and gains other than one,
+    frozen too, against torch's nn.MultiheadAttention with each projection a float64 reference cosine."""
+    settings, shape, call = ATTENTION[case]
+    settings = dict(settings)
+    centered = settings.pop("centered", False)
+    embed, heads, length, source, n = 8, 2, 4, 6 if shape == "cross" else 4, 3
+    mha = nn.MultiheadAttention(embed, heads, batch_first=batch_first, **settings).eval()
+    twin = CosineMultiheadAttention.from_module(mha, centered=centered, gain=gain)
+    with torch.no_grad():
+        twin.gain.uniform_(0.5, 2.0)
+        twin.out_proj.gain.uniform_(0.5, 2.0)
+    lead = lambda steps: (steps,) if shape == "unbatched" else ((n, steps) if batch_first else (steps, n))  # noqa: E731
+    q = torch.randn(*lead(length), embed)
+    k = q if shape == "self" else torch.randn(*lead(source), mha.kdim)
+    v = q if shape == "self" else torch.randn(*lead(source), mha.vdim)
+    kwargs = {"need_weights": need_weights}
+    if call.get("key_padding_mask"):
+        mask = torch.rand(n, source) < 0.3
+        mask[:, 0] = False  # every query keeps a key
+        assert mask.any()
+        if call["key_padding_mask"] == "float":  # additive
+            mask = torch.zeros(mask.shape).masked_fill(mask, float("-inf"))
+        kwargs["key_padding_mask"] = mask[0] if shape == "unbatched" else mask
+    if call.get("attn_mask") == "bool":
+        mask = torch.rand(length, source) < 0.3
+        mask[:, -1] = False
+        kwargs["attn_mask"] = mask
+    if call.get("attn_mask") == "float3d":
+        kwargs["attn_mask"] = torch.randn(n * heads, length, source)
+    causal = torch.ones(length, source, dtype=torch.bool).tril().logical_not()
+    got, got_weights = twin(q, k, v, is_causal=call.get("is_causal", False), **kwargs)
+    if call.get("is_causal"):  # torch wants the mask with the hint
+        kwargs["attn_mask"], kwargs["is_causal"] = causal, True
+    want, want_weights = _reference_attention(mha, twin, monkeypatch, q, k, v, **kwargs)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-5)
+    if need_weights:
+        torch.testing.assert_close(got_weights.double(), want_weights, atol=1e-5, rtol=1e-5)
+    if call.get("is_causal"):  # the mask given with the hint, and the hint alone, agree
+        kwargs.pop("is_causal")
+        torch.testing.assert_close(twin(q, k, v, **kwargs)[0], got, atol=1e-6, rtol=0)
+        kwargs.pop("attn_mask")
+    frozen = freeze(twin)
+    assert frozen.prenormalized and frozen.gain is None
+    with torch.no_grad():
+        out = frozen(q, k, v, is_causal=call.get("is_causal", False), **kwargs)[0]
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("groups", [1, 2])
