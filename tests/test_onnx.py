@@ -9,12 +9,12 @@ import torch.nn.functional as F
 import torchvision
 from broken import spoil_cosine_conv
 from onnx.reference import ReferenceEvaluator
-from reference import cosine_reference
+from reference import cosine_reference, linear_reference
 from test_convert import Functional
 from torch import nn
 
 import cosconvert
-from cosconvert.nn import CosineConv2d
+from cosconvert.nn import CosineConv2d, CosineLinear
 from cosconvert.onnx.functions import DOMAIN
 
 
@@ -112,6 +112,34 @@ def test_conv_function_body_matches_reference(tmp_path, case, centered):
     (on_reference,) = ReferenceEvaluator(str(path)).run(None, {session.get_inputs()[0].name: x.numpy()})
     np.testing.assert_allclose(on_ort, expected, atol=1e-5, rtol=0)
     np.testing.assert_allclose(on_reference, expected, atol=1e-5, rtol=0)
+
+
+OFFSET_CASES = {name: BODY_PATHS[name] for name in ("dense 3x3", "pointwise padded", "depthwise", "grouped")}
+
+
+@pytest.mark.parametrize("case", [*OFFSET_CASES, "linear"])
+def test_centered_on_offset_input_matches_reference(tmp_path, case):
+    """Inputs whose mean is 100 times their spread: the centered energy S2 - S1^2 / n cancels in
+    float32 unless formed from shifted values. PyTorch, onnxruntime and the ReferenceEvaluator
+    against the float64 reference (the unshifted float32 body was off by 3e-4 to 4e-3)."""
+    if case == "linear":
+        layer, x = nn.Linear(16, 5), 100 + torch.randn(3, 16)
+        expected = linear_reference(x, layer.weight.detach(), layer.bias.detach(), centered=True)
+        layer = CosineLinear.from_module(layer, centered=True).eval()
+    else:
+        c_in, c_out, k, stride, padding, groups = OFFSET_CASES[case]
+        layer = CosineConv2d(c_in, c_out, k, stride, padding, groups=groups, centered=True).eval()
+        x = 100 + torch.randn(3, c_in, 7, 7)
+        w, b = layer.weight.detach(), layer.bias.detach()
+        expected = cosine_reference(x, w, b, stride, padding, 1, groups, centered=True)
+    with torch.no_grad():
+        np.testing.assert_allclose(layer(x).double(), expected, atol=5e-5, rtol=0)
+    path = cosconvert.export_onnx(layer, x[:1], tmp_path / "layer.onnx")
+    feed = {onnx.load(path).graph.input[0].name: x.numpy()}
+    (on_ort,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)
+    (on_reference,) = ReferenceEvaluator(str(path)).run(None, feed)
+    np.testing.assert_allclose(on_ort, expected.numpy(), atol=5e-5, rtol=0)
+    np.testing.assert_allclose(on_reference, expected.numpy(), atol=5e-5, rtol=0)
 
 
 def test_inline_leaves_standard_ops_and_reference_evaluator_agrees(tmp_path):
