@@ -30,6 +30,7 @@ diagnosis plot and ``paper_comparison.json`` (every run) into ``--out``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib.util
 import json
@@ -209,7 +210,7 @@ def train(job: dict) -> dict:
             internals.append({**inspect(model, x_eval), "grad_norm": (grad_sq / steps).sqrt().tolist()})
         if not math.isfinite(losses[-1]):
             break  # diverged: the error stays what it was, the loss says why
-    result = {**job, "loss": losses, "errors": errors, "error": errors[-1]}
+    result = {**job, "job": job, "loss": losses, "errors": errors, "error": errors[-1]}
     return {**result, "internals": internals, "cpu_seconds": time.process_time() - start}
 
 
@@ -235,55 +236,67 @@ def inspect(model: nn.Sequential, x: Tensor) -> dict:
     return {"dead": dead, "gain": None if gain is None else gain.item(), "bias": max(biases, default=0.0)}
 
 
-def run_all(jobs: list[dict], workers: int) -> list[dict]:
-    """The jobs in ``workers`` processes of one thread each (tiny nets use one core badly)."""
-    cost = {"mnist": 5, "reviews": 3, "digits": 1}  # the slow jobs first, so the workers end together
-    jobs = sorted(jobs, key=lambda j: -cost[j["data"]] * (4 if j["network"] == "CNN" else 1))
-    if workers <= 1:
-        return [train(job) for job in jobs]
+def run_all(jobs: list[dict], workers: int, cache: Path | None = None) -> list[dict]:
+    """The jobs in ``workers`` processes of one thread each (tiny nets use one core badly).
+    With ``cache`` (a JSON-lines file), runs found there are reused and new ones appended."""
+    key = functools.partial(json.dumps, sort_keys=True)
+    stored = {}
+    if cache is not None and cache.exists():
+        for line in cache.read_text().splitlines():
+            result = json.loads(line)
+            stored[key(result["job"])] = result
+    todo = [job for job in jobs if key(job) not in stored]
     done, start = [], time.perf_counter()
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        for result in pool.imap_unordered(train, jobs):
+    with contextlib.ExitStack() as stack:
+        if workers > 1 and len(todo) > 1:
+            results = stack.enter_context(multiprocessing.get_context("fork").Pool(workers)).imap_unordered(train, todo)
+        else:
+            results = map(train, todo)
+        log = stack.enter_context(cache.open("a")) if cache is not None else None
+        for result in results:
             done.append(result)
-            if len(done) % max(1, len(jobs) // 10) == 0:
-                print(f"  {len(done)}/{len(jobs)} runs, {time.perf_counter() - start:.0f} s", flush=True)
-    return done
+            stored[key(result["job"])] = result
+            if log is not None:
+                log.write(json.dumps(result) + "\n")
+                log.flush()
+            if len(done) % max(1, len(todo) // 5) == 0:
+                print(f"  {len(done)}/{len(todo)} runs, {time.perf_counter() - start:.0f} s", flush=True)
+    return [stored[key(job)] for job in jobs]
 
 
 # ---------------------------------------------------------------- the study
 
 
-def study(combos: list[tuple[str, str]], seeds: int, epochs: dict, workers: int, small: bool) -> dict:
-    """Sweep every variant's rate on the validation split (seed 0), then train the paper's rate
-    and the sweep's best with ``seeds`` seeds on the full training split. Returns all runs."""
-    base = {"seed": 0, "small": small}
-    sweep = run_all([
-        {**base, "data": d, "network": n, "method": m, "head": h, "lr": SWEEP_CENTER[m] * f, "epochs": epochs[d],
-         "validation": True}
-        for d, n in combos for m, h in variants() for f in SWEEP
-    ], workers)  # fmt: skip
-    best = {}
-    for d, n in combos:
+def study(combos: list[tuple[str, str]], seeds: int, epochs: dict, workers: int, small: bool, cache=None) -> dict:
+    """Per dataset and network (cheapest first): sweep every variant's rate on the validation
+    split (seed 0), then train the paper's rate and the sweep's best with ``seeds`` seeds on the
+    full training split. Returns all runs and the chosen rates."""
+    sweep, finals, best = [], [], {}
+    cost = {"digits": 1, "mnist": 3, "reviews": 4}
+    for d, n in sorted(combos, key=lambda c: cost[c[0]] * (5 if c[1] == "CNN" else 1)):
+        print(f"{d} {n}: sweep, then {seeds} seeds", flush=True)
+        base = {"data": d, "network": n, "epochs": epochs[d], "small": small}
+        jobs = [{**base, "method": m, "head": h, "lr": SWEEP_CENTER[m] * f, "seed": 0, "validation": True}
+                for m, h in variants() for f in SWEEP]  # fmt: skip
+        sweep += (runs := run_all(jobs, workers, cache))
         for m, h in variants():
-            runs = [r for r in sweep if (r["data"], r["network"], r["method"], r["head"]) == (d, n, m, h)]
-            best[d, n, m, h] = min(runs, key=lambda r: (r["error"], abs(math.log(r["lr"] / SWEEP_CENTER[m]))))["lr"]
-    finals = run_all([
-        {**base, "data": d, "network": n, "method": m, "head": h, "lr": lr, "seed": seed, "epochs": epochs[d],
-         "validation": False}
-        for d, n in combos for m, h in variants()
-        for lr in sorted({PAPER_LR.get(m, best[d, n, m, h]), best[d, n, m, h]}) for seed in range(seeds)
-    ], workers)  # fmt: skip
+            tried = [r for r in runs if (r["method"], r["head"]) == (m, h)]
+            best[d, n, m, h] = min(tried, key=lambda r: (r["error"], abs(math.log(r["lr"] / SWEEP_CENTER[m]))))["lr"]
+        jobs = [{**base, "method": m, "head": h, "lr": lr, "seed": seed, "validation": False}
+                for m, h in variants() for lr in sorted({PAPER_LR.get(m, best[d, n, m, h]), best[d, n, m, h]})
+                for seed in range(seeds)]  # fmt: skip
+        finals += run_all(jobs, workers, cache)
     return {"sweep": sweep, "finals": finals, "best": {"/".join(k): v for k, v in best.items()}}
 
 
-def diagnose(epochs: int, seeds: int, workers: int, small: bool) -> list[dict]:
+def diagnose(epochs: int, seeds: int, workers: int, small: bool, cache=None) -> list[dict]:
     """Plain cosine on digits at the paper's rate, its layers with and without a bias: the
     internals per epoch that show why the version with a bias fails."""
     return run_all([
         {"data": "digits", "network": n, "method": "cosine", "head": "gain", "lr": PAPER_LR["cosine"], "seed": s,
          "epochs": epochs, "validation": False, "small": small, "bias": bias, "diagnose": True}
         for n in ("MLP", "CNN") for bias in (True, False) for s in range(seeds)
-    ], workers)  # fmt: skip
+    ], workers, cache)  # fmt: skip
 
 
 # ---------------------------------------------------------------- the report
@@ -427,6 +440,7 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated dataset/network pairs, e.g. digits/MLP,mnist/CNN")
     parser.add_argument("--epochs", type=int, help="the same number of epochs for every dataset")
     parser.add_argument("--small", action="store_true", help="a quarter of each split (for a quick check)")
+    parser.add_argument("--cache", type=Path, help="a JSON-lines file of finished runs: reused, and appended to")
     args = parser.parse_args()
     combos = COMBOS
     if args.only:
@@ -439,8 +453,8 @@ def main() -> None:
     for d in {d for d, _ in combos} | {"digits"}:
         _load(d)  # once, before the workers fork
     start = time.perf_counter()
-    results = study(combos, args.seeds, epochs, args.workers, args.small)
-    results["diagnosis"] = diagnose(epochs["digits"], min(args.seeds, 3), args.workers, args.small)
+    results = study(combos, args.seeds, epochs, args.workers, args.small, args.cache)
+    results["diagnosis"] = diagnose(epochs["digits"], min(args.seeds, 3), args.workers, args.small, args.cache)
     minutes = (time.perf_counter() - start) / 60
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -448,7 +462,9 @@ def main() -> None:
         f"--{k} {v}" if v is not True else f"--{k}" for k, v in vars(args).items() if v not in (None, False)
     )
     lines = ["# Paper comparison: the generated tables", "", *report(results, combos, command)]
-    lines += [f"{minutes:.1f} minutes wall-clock with {args.workers} workers.", "",
+    cpu = sum(r["cpu_seconds"] for part in ("sweep", "finals", "diagnosis") for r in results[part]) / 60
+    lines += [f"Training took {cpu:.0f} CPU-minutes in all (one thread per run): about {cpu / 2:.0f} minutes "
+              f"on two idle cores; this run's wall clock, on a shared machine, was {minutes:.0f} minutes.", "",
               "![test error per epoch](paper_comparison.png)", "",
               "![plain cosine with and without bias](paper_comparison_diagnosis.png)", ""]  # fmt: skip
     _write(out / "paper_comparison_results.md", "\n".join(lines))
