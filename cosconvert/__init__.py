@@ -7,6 +7,7 @@ from cosconvert.finetune import finetune  # the function: cosconvert.finetune(mo
 from cosconvert.freeze import freeze
 from cosconvert.onnx import export_onnx, validate
 from cosconvert.recipe import restore, save
+from cosconvert.reconstruct import reconstruct  # the function: cosconvert.reconstruct(converted, original, data)
 from cosconvert.report import ConversionReport
 
 __version__ = "0.1.0"
@@ -19,6 +20,7 @@ __all__ = [
     "calibrate",
     "freeze",
     "finetune",
+    "reconstruct",
     "export_onnx",
     "validate",
     "save",

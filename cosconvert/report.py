@@ -26,6 +26,7 @@ class ConversionReport:
     parameters: dict = field(default_factory=dict)
     checks: dict = field(default_factory=dict)
     calibration: dict | None = None
+    reconstruction: dict | None = None  # cosconvert.reconstruct: per block, loss before and after, steps, time
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,6 +62,11 @@ class ConversionReport:
             lines.append("checks: " + "; ".join(f"{k}: {v}" for k, v in self.checks.items()))
         if self.calibration:
             lines.append("calibration: " + ", ".join(f"{k} {v}" for k, v in self.calibration.items()))
+        if self.reconstruction:
+            blocks = self.reconstruction["blocks"]
+            lines.append("reconstruction: " + ", ".join(
+                f"{b['block']} {b['loss_before']:.3g} -> {b['loss_after']:.3g} ({b['steps']} steps, {b['seconds']:.1f} s)"
+                for b in blocks))  # fmt: skip
         return "\n".join(lines).rstrip()
 
 

@@ -1,0 +1,422 @@
+"""Blockwise reconstruction: train each block of a converted network to reproduce the original's.
+
+Calibration fits one gain and bias per unit; through dozens of layers that cannot follow each
+layer's ``1/|x|``, which varies from position to position, and the errors compound. Here, as in
+the block-wise modes of quantization tools (BRECQ, AdaRound), each block ``B_j`` of the converted
+network is trained, in order, to minimise
+
+    MSE( converted B_j(x_j), original B_j(x_j) )
+
+where ``x_j`` is what the converted network, its blocks before ``j`` already reconstructed, feeds
+block ``j``. The loss is local, needs no labels, and one block's inputs and targets are all that is
+held at a time: the converted network runs up to block ``j`` (and stops there) to make them.
+
+A converted network is often one flat ``torch.fx`` graph in which a block such as ``layer1.0`` is
+no module of its own. Such blocks are outlined for the run: the block's nodes become a small
+GraphModule sharing the converted network's parameters, called from a copy of the graph.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+from tqdm.auto import tqdm
+
+from cosconvert.calibration import batch_inputs
+from cosconvert.convert import LEAVES, _trace
+from cosconvert.data import load_data
+
+__all__ = ["reconstruct", "find_blocks"]
+
+FALLBACK_DEPTH = 1  # without repeated blocks, the top-level children (with parameters) are the blocks
+
+
+# -- which blocks ------------------------------------------------------------------------------
+def _is_block_list(m: nn.Module) -> bool:
+    """A Sequential/ModuleList of repeated composite modules (ResNet's layerN, timm's blocks, encoder.layer)."""
+    children = list(m.children())
+    return (
+        isinstance(m, (nn.Sequential, nn.ModuleList))
+        and len(children) > 0
+        and len({type(c) for c in children}) == 1
+        and not isinstance(children[0], LEAVES)
+        and next(children[0].children(), None) is not None
+        and next(children[0].parameters(), None) is not None
+    )
+
+
+def find_blocks(model: nn.Module) -> list[str]:
+    """The names of ``model``'s residual blocks or transformer layers: the children of every
+    Sequential/ModuleList of repeated composite modules, innermost first (timm's
+    ``stages.N.blocks.M`` rather than ``stages.N``); else the top-level children with parameters."""
+
+    def expand(blocks: nn.Module, path: str) -> list[str]:
+        found: list[str] = []
+        for sub, block in blocks.named_children():
+            name = f"{path}.{sub}"
+            found += expand(block, name) if _is_block_list(block) else walk(block, name) or [name]
+        return found
+
+    def walk(module: nn.Module, prefix: str) -> list[str]:
+        found: list[str] = []
+        for name, child in module.named_children():
+            path = f"{prefix}.{name}" if prefix else name
+            found += expand(child, path) if _is_block_list(child) else walk(child, path)
+        return found
+
+    blocks = walk(model, "")
+    if not blocks:
+        blocks = [n for n, c in model.named_children() if next(c.parameters(), None) is not None]
+    return blocks
+
+
+# -- outlining blocks of a flat fx graph ---------------------------------------------------------
+def _in_block(node: fx.Node, block: str) -> bool:
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [v[0] for v in stack.values()]
+    if node.op == "call_module":
+        paths.append(node.target)
+    return any(p == block or p.startswith(block + ".") for p in paths)
+
+
+def _outline(gm: fx.GraphModule, blocks: Sequence[str]) -> tuple[fx.GraphModule, dict[str, fx.GraphModule]]:
+    """A copy of ``gm`` in which each block (a module path relative to ``gm``, inlined in its graph)
+    is one call of its own GraphModule; both share ``gm``'s parameters. Returns (copy, block modules)."""
+    nodes = list(gm.graph.nodes)
+    members = {b: [n for n in nodes if n.op not in ("placeholder", "output", "get_attr") and _in_block(n, b)]
+               for b in blocks}  # fmt: skip
+    subs: dict[str, fx.GraphModule] = {}
+    start: dict[fx.Node, str] = {}
+    for block, inside in members.items():
+        if not inside:
+            raise ValueError(f"block {block!r} runs no operation in the traced network")
+        first, last = nodes.index(inside[0]), nodes.index(inside[-1])
+        stray = [n for n in nodes[first : last + 1] if n not in inside and n.op != "get_attr"]
+        if stray:
+            raise ValueError(f"block {block!r} is interleaved with {stray[0].name}; give blocks that run as one piece")
+        subs[block] = _subgraph(gm, inside)
+        start[inside[0]] = block
+    skip = {n for inside in members.values() for n in inside}
+    graph = fx.Graph()
+    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    env: dict[fx.Node, fx.Node] = {}
+    attrs: dict[str, object] = {}
+    for node in nodes:
+        if node in start:
+            block = start[node]
+            target = "_block_" + block.replace(".", "_")
+            attrs[target] = subs[block]
+            call = graph.call_module(target, tuple(env[n] for n in subs[block].inputs))
+            env[members[block][-1]] = call  # (checked in _subgraph: the block's only value used outside)
+        elif node not in skip:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+            if node.op in ("call_module", "get_attr"):
+                attrs[node.target] = _fetch(gm, node.target)
+    return fx.GraphModule(attrs, graph, type(gm).__name__), subs
+
+
+def _subgraph(gm: fx.GraphModule, inside: list[fx.Node]) -> fx.GraphModule:
+    """The nodes ``inside`` as a GraphModule of their own; ``.inputs`` lists the outer nodes it takes."""
+    members = set(inside)
+    outputs = [n for n in inside if any(u not in members for u in n.users)]
+    if len(outputs) != 1 or outputs[0] is not inside[-1]:
+        raise ValueError(f"a block must give one value to the rest of the network, got {[n.name for n in outputs]}")
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    inputs: list[fx.Node] = []
+
+    def value(n: fx.Node) -> fx.Node:
+        if n not in env:
+            if n.op == "get_attr":  # parameters stay attributes, not inputs
+                env[n] = graph.get_attr(n.target)
+            else:
+                inputs.append(n)
+                env[n] = graph.placeholder(f"input_{len(inputs)}")
+        return env[n]
+
+    for node in inside:
+        for arg in node.all_input_nodes:
+            if arg not in members:
+                value(arg)
+        env[node] = graph.node_copy(node, value)
+    graph.output(env[inside[-1]])
+    sub = fx.GraphModule(gm, graph, "Block")
+    sub.inputs = inputs
+    return sub
+
+
+def _fetch(module: nn.Module, target: str):
+    owner, _, attr = target.rpartition(".")
+    return getattr(module.get_submodule(owner), attr)
+
+
+class _Staged:
+    """The converted and original networks arranged so that each block is one module call:
+    ``run`` is the converted network to run, ``converted[name]`` and ``original[name]`` the block
+    modules. Blocks inlined in an fx graph are outlined; nested graphs are swapped in place until
+    ``close()``."""
+
+    def __init__(self, converted: nn.Module, original: nn.Module, blocks: Sequence[str]) -> None:
+        self.run, self.converted, self.original = converted, {}, {}
+        self._swapped: list[tuple[str, nn.Module]] = []
+        self._model = converted
+        called = _called(converted, blocks)
+        inlined: dict[str, list[str]] = {}  # graph module path -> blocks inlined in it
+        for name in blocks:
+            if name in called:
+                self.converted[name], self.original[name] = converted.get_submodule(name), original.get_submodule(name)
+                continue
+            owner = _graph_owner(converted, name)
+            if owner is None:
+                raise ValueError(f"block {name!r} is never called by the converted network")
+            inlined.setdefault(owner, []).append(name)
+        try:
+            for owner, names in inlined.items():
+                relative = [n[len(owner) + 1 :] if owner else n for n in names]
+                staged, subs = _outline(converted.get_submodule(owner), relative)
+                source = original.get_submodule(owner)
+                _, original_subs = _outline(_traced(source), relative)
+                for name, rel in zip(names, relative):
+                    if len(subs[rel].inputs) != len(original_subs[rel].inputs):
+                        raise ValueError(f"block {name!r} takes different inputs in the converted and original graphs")
+                    self.converted[name], self.original[name] = subs[rel], original_subs[rel]
+                if owner:
+                    self._swapped.append((owner, converted.get_submodule(owner)))
+                    converted.set_submodule(owner, staged)
+                else:
+                    self.run = staged
+        except Exception:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for owner, module in reversed(self._swapped):
+            self._model.set_submodule(owner, module)
+        self._swapped.clear()
+
+
+def _traced(module: nn.Module) -> fx.GraphModule:
+    mode = module.training
+    module.eval()
+    try:
+        return _trace(module)
+    finally:
+        module.train(mode)
+
+
+def _graph_owner(model: nn.Module, name: str) -> str | None:
+    """The path of the innermost GraphModule above ``name`` (``""`` for the root), or None."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        path = ".".join(parts[:i])
+        if isinstance(model.get_submodule(path), fx.GraphModule):
+            return path
+    return None
+
+
+def _called(model: nn.Module, blocks: Sequence[str]) -> list[str]:
+    """The blocks that are modules with a forward of their own (not the bare containers fx leaves
+    where it inlined a module's code into its parent's graph)."""
+    names = []
+    for name in blocks:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError as err:
+            raise ValueError(f"no module named {name!r} in the converted network") from err
+        if type(module).forward is not nn.Module.forward:
+            names.append(name)
+    return names
+
+
+# -- data ---------------------------------------------------------------------------------------
+def _batches(data, batch_size: int, max_samples: int, device: torch.device) -> list[tuple]:
+    """Up to ``max_samples`` inputs from ``data`` (a data spec, Dataset, DataLoader or iterable of
+    batches; labels, if any, are ignored), as a list of input tuples of at most ``batch_size``."""
+    if isinstance(data, str):
+        data = load_data(data)
+    if isinstance(data, Dataset) and not isinstance(data, IterableDataset):
+        data = DataLoader(data, batch_size)
+    elif isinstance(data, IterableDataset):
+        data = DataLoader(data, batch_size)
+    out, seen = [], 0
+    for batch in data:
+        inputs = batch_inputs(batch)
+        take = min(max_samples - seen, inputs[0].shape[0])
+        for i in range(0, take, batch_size):
+            out.append(tuple(t[i : min(take, i + batch_size)].to(device) for t in inputs))
+        seen += take
+        if seen >= max_samples:
+            break
+    if not out:
+        raise ValueError("reconstruct got no data: give a Dataset, DataLoader or batches of inputs")
+    return out
+
+
+# -- fitting ------------------------------------------------------------------------------------
+class _Stop(Exception):
+    """Raised by the capture hook: the rest of the forward pass is not needed."""
+
+
+def _capture(run: nn.Module, block: nn.Module, batches: list[tuple]) -> list[tuple[tuple, dict]]:
+    """What ``run`` feeds ``block`` on each batch (its args and kwargs), stopping each pass there."""
+    captured: list[tuple[tuple, dict]] = []
+
+    def hook(module, args, kwargs):
+        captured.append((_detach(args), _detach(kwargs)))
+        raise _Stop
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for inputs in batches:
+                try:
+                    run(*inputs)
+                except _Stop:
+                    continue
+                raise ValueError("a block was not reached by the converted network's forward pass")
+    finally:
+        handle.remove()
+    return captured
+
+
+def _detach(tree):
+    return torch.utils._pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, tree)
+
+
+def _leaves(out) -> list[Tensor]:
+    return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, Tensor) and t.is_floating_point()]
+
+
+def _mse(out, target) -> Tensor:
+    pairs = list(zip(_leaves(out), _leaves(target)))
+    return sum(F.mse_loss(o.float(), t.float()) for o, t in pairs) / len(pairs)
+
+
+@torch.no_grad()
+def _mean_loss(block: nn.Module, captured, targets, autocast) -> float:
+    total = 0.0
+    for (args, kwargs), target in zip(captured, targets):
+        with autocast:
+            total += _mse(block(*args, **kwargs), target).item()
+    return total / len(captured)
+
+
+def _fit_block(block, original_block, captured, *, steps, lr, train, autocast, scaler, progress, desc) -> dict:
+    started = time.perf_counter()
+    with torch.no_grad(), autocast:
+        targets = [_detach(original_block(*args, **kwargs)) for args, kwargs in captured]
+    power = sum(sum(t.float().pow(2).mean().item() for t in _leaves(x)) / len(_leaves(x)) for x in targets)
+    power /= len(targets)
+    before = _mean_loss(block, captured, targets, autocast)
+    params = [
+        p for n, p in block.named_parameters() if p.requires_grad and (train == "all" or n.endswith(("gain", "bias")))
+    ]
+    if not params or steps == 0:
+        return {"loss_before": before, "loss_after": before, "target_power": power, "steps": 0,
+                "parameters": 0, "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
+    snapshot = [p.detach().clone() for p in params]
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    order = torch.randperm(len(captured)).tolist()
+    with tqdm(total=steps, desc=desc, disable=not progress, leave=False) as bar:
+        for step in range(steps):
+            if step and step % len(captured) == 0:
+                order = torch.randperm(len(captured)).tolist()
+            i = order[step % len(captured)]
+            args, kwargs = captured[i]
+            with autocast:
+                loss = _mse(block(*args, **kwargs), targets[i])
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            bar.update(1)
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3g}")
+    after = _mean_loss(block, captured, targets, autocast)
+    if after > before:  # never leave a block worse than it came: put its parameters back
+        with torch.no_grad():
+            for p, saved in zip(params, snapshot):
+                p.copy_(saved)
+        after = before
+    return {"loss_before": before, "loss_after": after, "target_power": power, "steps": steps,
+            "parameters": sum(p.numel() for p in params), "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
+
+
+def reconstruct(
+    converted: nn.Module,
+    original: nn.Module,
+    data: str | Dataset | DataLoader | Iterable,
+    *,
+    blocks: str | Sequence[str] = "auto",
+    steps: int = 200,
+    lr: float = 1e-3,
+    batch_size: int = 32,
+    max_samples: int = 512,
+    train: str = "all",
+    amp: str | None = "bf16",
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> dict:
+    """Train each block of ``converted`` in place, in order, to reproduce ``original``'s block on the
+    inputs the converted network feeds it. Returns (and stores in the conversion report) per block the
+    mean MSE before and after, the target's mean square, the steps, the parameters trained and the time.
+
+    Args:
+        data: inputs (labels ignored) as for :func:`cosconvert.finetune.finetune`: a Dataset, a
+            DataLoader, batches of inputs or (inputs, labels), or a data spec (``"digits"``, ``x.npz``).
+        blocks: ``"auto"`` (:func:`find_blocks` on ``original``) or module names, e.g. ``["layer1.0", "fc"]``.
+        steps: optimizer steps per block, each on one batch of ``batch_size`` of the ``max_samples`` inputs.
+        lr: Adam's learning rate (cosine schedule to 0 over each block's steps).
+        train: ``"all"`` parameters of the block, or ``"affine"`` (only gains and biases).
+        amp: autocast dtype on CUDA, ``"bf16"``, ``"fp16"`` (with a gradient scaler) or None; CPU runs float32.
+        device: where to run (both models are moved there); default: where ``converted`` is.
+        progress: a progress bar per block.
+    """
+    if train not in ("all", "affine"):
+        raise ValueError(f"train must be 'all' or 'affine', got {train!r}")
+    if amp not in ("bf16", "fp16", None):
+        raise ValueError(f"amp must be 'bf16', 'fp16' or None, got {amp!r}")
+    device = torch.device(device) if device is not None else next(converted.parameters()).device
+    converted.to(device), original.to(device)
+    names = find_blocks(original) if blocks == "auto" else list(blocks)
+    overlapping = [(a, b) for a in names for b in names if b.startswith(a + ".")]
+    if overlapping:
+        raise ValueError(f"blocks overlap: {overlapping[0][0]!r} contains {overlapping[0][1]!r}; give disjoint blocks")
+    batches = _batches(data, batch_size, max_samples, device)
+    use_amp = device.type == "cuda" and amp is not None
+    dtype = torch.float16 if amp == "fp16" else torch.bfloat16
+    autocast = torch.autocast(device.type, dtype, enabled=use_amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp == "fp16")
+    modes = converted.training, original.training
+    converted.eval(), original.eval()  # normalizers keep their statistics, dropout is off
+    staged = _Staged(converted, original, names)
+    rows = []
+    try:
+        for i, name in enumerate(names):
+            captured = _capture(staged.run, staged.converted[name], batches)
+            row = _fit_block(staged.converted[name], staged.original[name], captured, steps=steps, lr=lr,
+                             train=train, autocast=autocast, scaler=scaler, progress=progress,
+                             desc=f"block {i + 1}/{len(names)} {name}")  # fmt: skip
+            rows.append(
+                {"block": name, **{k: float(f"{v:.6g}") if isinstance(v, float) else v for k, v in row.items()}}
+            )
+            del captured
+    finally:
+        staged.close()
+        converted.train(modes[0]), original.train(modes[1])
+    result = {"samples": sum(b[0].shape[0] for b in batches), "batch_size": batch_size, "lr": lr, "train": train,
+              "seconds": round(sum(r["seconds"] for r in rows), 3), "blocks": rows}  # fmt: skip
+    report = getattr(converted, "cosine_report", None)
+    if report is not None:
+        report.reconstruction = result
+    return result

@@ -1,0 +1,184 @@
+"""Blockwise reconstruction (cosconvert.reconstruct): which blocks, what is fitted, what is held."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.models.resnet import BasicBlock
+
+import cosconvert
+from cosconvert.reconstruct import find_blocks, reconstruct
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class TinyResNet(nn.Module):
+    """A stem, two BasicBlocks and a classifier: small enough to compute each block by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.layer1 = nn.Sequential(BasicBlock(8, 8), BasicBlock(8, 8))
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.layer1(F.relu(self.bn1(self.conv1(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def trained_like(model: nn.Module) -> nn.Module:
+    """Non-trivial BatchNorm statistics and affines, as a trained network has."""
+    gen = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+    return model.eval()
+
+
+def by_hand(converted, original, x):
+    """Block layer1.0's MSE, computed from the converted layers themselves (norms dropped):
+    relu(conv2(relu(conv1(h))) + h) on the converted stem's output h, against the original block on h."""
+    with torch.no_grad():
+        h = F.relu(converted.conv1(x))
+        b = converted.layer1.get_submodule("0")
+        out = F.relu(b.conv2(F.relu(b.conv1(h))) + h)
+        return F.mse_loss(out, original.layer1[0](h)).item()
+
+
+def test_auto_blocks_torchvision_resnet18():
+    names = find_blocks(torchvision.models.resnet18())
+    assert names == [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+
+
+def test_auto_blocks_timm_stages_and_nested_sequentials():
+    timm = pytest.importorskip("timm")
+    convnext = find_blocks(timm.create_model("convnext_atto"))
+    assert convnext == [f"stages.{i}.blocks.{j}" for i, n in enumerate((2, 2, 6, 2)) for j in range(n)]
+    effnet = find_blocks(timm.create_model("efficientnet_b0"))  # blocks.N is itself a Sequential of blocks
+    assert effnet[:3] == ["blocks.0.0", "blocks.1.0", "blocks.1.1"] and len(effnet) == 16
+
+
+def test_auto_blocks_transformer_layers():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)
+    assert find_blocks(transformers.BertModel(config)) == ["encoder.layer.0", "encoder.layer.1", "encoder.layer.2"]
+
+
+def test_auto_blocks_fall_back_to_top_level_children():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    assert find_blocks(model) == ["0", "2"]
+
+
+def test_reconstruction_lowers_the_block_loss_computed_by_hand():
+    original = trained_like(TinyResNet())
+    converted = cosconvert.convert(original, strip_norms="drop")
+    x = torch.rand(64, 1, 12, 12)
+    before = by_hand(converted, original, x)
+    result = reconstruct(converted, original, [x], steps=60, lr=3e-3, batch_size=32)
+    first = result["blocks"][0]
+    assert [b["block"] for b in result["blocks"]] == ["layer1.0", "layer1.1"]
+    assert first["loss_before"] == pytest.approx(before, rel=1e-4)
+    after = by_hand(converted, original, x)  # the converted network's own layers were trained
+    assert first["loss_after"] == pytest.approx(after, rel=1e-4)
+    assert after < 0.5 * before
+
+
+def test_a_block_is_never_left_worse():
+    original = trained_like(TinyResNet())
+    converted = cosconvert.convert(original, strip_norms="drop")
+    x = torch.rand(32, 1, 12, 12)
+    weights = {k: v.clone() for k, v in converted.state_dict().items()}
+    result = reconstruct(converted, original, [x], steps=5, lr=50.0, batch_size=32)  # diverges
+    assert all(b["loss_after"] == b["loss_before"] for b in result["blocks"])
+    assert all(torch.equal(weights[k], v) for k, v in converted.state_dict().items())
+
+
+def test_affine_mode_trains_only_gains_and_biases():
+    original = trained_like(TinyResNet())
+    converted = cosconvert.convert(original, strip_norms="fold")
+    weight = converted.layer1.get_submodule("0").conv1.weight.clone()
+    gain = converted.layer1.get_submodule("0").conv1.gain.clone()
+    reconstruct(converted, original, [torch.rand(32, 1, 12, 12)], steps=20, train="affine", blocks=["layer1.0"])
+    assert torch.equal(converted.layer1.get_submodule("0").conv1.weight, weight)
+    assert not torch.equal(converted.layer1.get_submodule("0").conv1.gain, gain)
+
+
+def test_holds_one_block_and_leaves_the_network_as_it_was():
+    """The converted network runs only up to the block being fitted (the classifier is never
+    reached), and afterwards has no hooks and its own structure: the same forward code and modules."""
+    original = trained_like(TinyResNet())
+    converted = cosconvert.convert(original, strip_norms="fold")
+    code, names = converted.code, [n for n, _ in converted.named_modules()]
+    calls = []
+    converted.fc.register_forward_hook(lambda *a: calls.append(1))
+    original.fc.register_forward_hook(lambda *a: calls.append(1))
+    x = torch.rand(64, 1, 12, 12)
+    reconstruct(converted, original, [x], steps=3, batch_size=16)
+    assert calls == []
+    assert converted.code == code and [n for n, _ in converted.named_modules()] == names
+    assert all(not m._forward_pre_hooks for m in converted.modules())
+    with torch.no_grad():
+        assert torch.isfinite(converted(x)).all()
+
+
+def test_transformer_layers_with_keyword_inputs():
+    """BERT's layers are called with an attention mask as well as the hidden states."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                     vocab_size=50, max_position_embeddings=16)  # fmt: skip
+    original = transformers.BertModel(config).eval()
+    converted = cosconvert.convert(original, strip_norms="fold")
+    ids = torch.randint(0, 50, (32, 12))
+    result = reconstruct(converted, original, [ids], steps=30, batch_size=16)
+    assert [b["block"] for b in result["blocks"]] == ["encoder.layer.0", "encoder.layer.1"]
+    assert all(b["loss_after"] < b["loss_before"] for b in result["blocks"])
+
+
+def test_report_section():
+    original = trained_like(TinyResNet())
+    converted = cosconvert.convert(original, strip_norms="drop")
+    reconstruct(converted, original, [torch.rand(32, 1, 12, 12)], steps=4, batch_size=16)
+    report = converted.cosine_report
+    section = report.to_dict()["reconstruction"]
+    assert section["samples"] == 32 and [b["block"] for b in section["blocks"]] == ["layer1.0", "layer1.1"]
+    assert {"loss_before", "loss_after", "steps", "seconds"} <= set(section["blocks"][0])
+    assert "reconstruction: layer1.0" in str(report)
+
+
+def test_bad_blocks_are_one_clear_error():
+    original = trained_like(TinyResNet())
+    converted = cosconvert.convert(original)
+    x = [torch.rand(8, 1, 12, 12)]
+    with pytest.raises(ValueError, match="overlap"):
+        reconstruct(converted, original, x, blocks=["layer1", "layer1.0"])
+    with pytest.raises(ValueError, match="no module named 'layer9'"):
+        reconstruct(converted, original, x, blocks=["layer9"])
+
+
+@pytest.mark.slow
+def test_deep_net_on_real_digits_keeps_the_original_accuracy(tmp_path):
+    """The example, smaller: a ResNet-18-depth BatchNorm net trained on 2,000 MNIST digits, norms
+    folded away; reconstruct on 256 unlabeled images reaches the original's held-out accuracy minus 1."""
+    args = ["--quick", "--strip", "fold", "--width", "8", "--train-size", "2000", "--test-size", "500",
+            "--epochs", "3", "--samples", "256", "--steps", "60", "--out", tmp_path,
+            "--cache", tmp_path / "original.pt"]  # fmt: skip
+    proc = subprocess.run([sys.executable, ROOT / "examples" / "mnist_resnet_reconstruct.py", *map(str, args)],
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "reconstruction.json").read_text())
+    original = result["original"]["accuracy"]
+    rows = result["strip"]["fold"]["rows"]
+    reconstructed = next(v for k, v in rows.items() if k.startswith("reconstruct"))
+    assert original > 90
+    assert reconstructed["accuracy"] >= original - 1
+    assert reconstructed["accuracy"] > rows["calibration alone"]["accuracy"]
