@@ -289,6 +289,7 @@ class BNNet(nn.Module):
         return self.attn(h, h, h, need_weights=False)[0].squeeze(1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make", [BNNet, Functional], ids=["modules", "functional"])
 def test_the_original_is_untouched_by_value(make):
     """convert (every strip mode, centered too), calibrate and freeze leave every tensor of the
