@@ -13,6 +13,7 @@ traceback and changes no exit code.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -138,12 +139,21 @@ def _check_runs(model, shape) -> None:
     import torch
 
     try:
-        with torch.no_grad():
+        with torch.no_grad(), open(os.devnull, "w") as null, contextlib.redirect_stderr(null):  # fx prints code
             model(torch.zeros(shape, device=_device_of(model)))
     except Exception as err:  # noqa: BLE001 - any failure means the shape does not fit the model
         raise CliError(
             f"the model does not run on input shape {shape}: {str(err).splitlines()[0]}; fix --input-shape"
         ) from err
+
+
+def _batch_sizes(model, shape) -> tuple[int, ...]:
+    """VALIDATION_BATCHES where the model runs at any batch size, else only the batch it was given."""
+    try:
+        _check_runs(model, (max(VALIDATION_BATCHES), *shape[1:]))
+    except CliError:
+        return (shape[0],)
+    return VALIDATION_BATCHES
 
 
 def _data(spec: str | None, batch_size: int):
@@ -175,6 +185,7 @@ class Run:
     summary: dict = field(default_factory=dict)
     files: list = field(default_factory=list)
     reference: Path | None = None  # the converted.pt to restore, when not the output folder's
+    batch_sizes: tuple = VALIDATION_BATCHES  # what fidelity and parity are measured at
 
     @property
     def recipe(self) -> Path:
@@ -208,9 +219,9 @@ def _example_batches(run: Run) -> list:
         from cosconvert.calibration import batch_inputs
 
         real = batch_inputs(next(iter(run.held_out)))[0]
-        return [real[:b] for b in VALIDATION_BATCHES]
+        return [real[:b] for b in run.batch_sizes]
     g = torch.Generator().manual_seed(0)
-    return [torch.randn(b, *run.shape[1:], generator=g) for b in VALIDATION_BATCHES]
+    return [torch.randn(b, *run.shape[1:], generator=g) for b in run.batch_sizes]
 
 
 def step_start(args, steps: tuple[str, ...]) -> Run:
@@ -228,8 +239,8 @@ def step_start(args, steps: tuple[str, ...]) -> Run:
     out = _out_dir(Path(args.out_dir) if args.out_dir else model.with_name(f"{model.stem}-cosine"))
     say = _Steps(1 + len(steps), args.quiet)
     say(f"loaded {args.model} ({sum(p.numel() for p in original.parameters()):,} parameters), input {shape}")
-    run = Run(args, out, say, original, shape, data, held_out, evaluated_on)
-    run.evaluated_on = evaluated_on or f"random example inputs of shape {(VALIDATION_BATCHES[-1], *shape[1:])}"
+    run = Run(args, out, say, original, shape, data, held_out, evaluated_on, batch_sizes=_batch_sizes(original, shape))
+    run.evaluated_on = evaluated_on or f"random example inputs of shape {(run.batch_sizes[-1], *shape[1:])}"
     run.summary = {"input": str(args.model), "input_shape": list(shape), "evaluated_on": run.evaluated_on}
     return run
 
@@ -322,7 +333,7 @@ def step_export(run: Run) -> None:
         run.wrote(run.onnx_path.with_name(run.onnx_path.name + ".data"))
 
 
-def step_validate(run: Run, original=None) -> int:
+def step_validate(run: Run) -> int:
     """Fidelity to the original and ONNX parity, printed; returns the exit code the verdict calls for."""
     import cosconvert
 
@@ -332,7 +343,7 @@ def step_validate(run: Run, original=None) -> int:
     run.say("validating: fidelity to the original, and the ONNX file against PyTorch")
     fp16 = _file_dtype(onnx_path) == "float16"
     reference = run.converted.half() if fp16 else run.converted
-    report = cosconvert.validate(onnx_path, reference, _example_batches(run), original=original or run.original,
+    report = cosconvert.validate(onnx_path, reference, _example_batches(run), original=run.original,
                                  inputs_name=run.evaluated_on, providers=run.args.providers)  # fmt: skip
     run.summary["validation"] = report.to_dict()
     if not run.args.json:

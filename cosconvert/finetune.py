@@ -269,12 +269,12 @@ def finetune(
         if eval_data is not None and rank == 0:
             entry.update(evaluate(model, eval_data, teacher))
         log.append(entry)
+        save(epoch + 1, 0, epoch_rng)  # first: a log that shows an epoch means its checkpoint is there
         if rank == 0:
             if verbose:
                 tqdm.write(json.dumps(entry), file=sys.stderr)
             if folder is not None:
                 _write_logs(log, folder)
-        save(epoch + 1, 0, epoch_rng)
     if world > 1:
         dist.barrier()
     return log

@@ -16,6 +16,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -157,6 +158,8 @@ def _silenced() -> Iterator[None]:
     nothing C++ writes to file descriptors 1 and 2."""
     loggers = [logging.getLogger(name) for name in _QUIET_LOGGERS]
     levels = [lg.level for lg in loggers]
+    sys.stdout.flush()
+    sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
     with tempfile.TemporaryFile() as sink, warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -276,12 +279,14 @@ def export_onnx(
     dynamic_shapes = None
     if dynamic_batch:
         inputs = _batch_of_two(inputs)
-        _check_runs(frozen, inputs)
         batch = torch.export.Dim("batch", min=1, max=65536)
         dynamic_shapes = tuple({0: batch} for _ in inputs)
-    quiet = contextlib.nullcontext() if verbose else _silenced()
+    quiet = contextlib.nullcontext if verbose else _silenced
+    with quiet():  # fx prints a failing GraphModule's code to stderr
+        if dynamic_batch:
+            _check_runs(frozen, inputs)
     try:
-        with quiet:
+        with quiet():
             program = torch.onnx.export(
                 frozen, inputs, dynamo=True, custom_translation_table=TRANSLATIONS, dynamic_shapes=dynamic_shapes,
                 opset_version=opset, optimize=True, verbose=verbose, report=False,

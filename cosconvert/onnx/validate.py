@@ -179,6 +179,15 @@ def _session(path: str, provider: str, options: ort.SessionOptions | None = None
     return ort.InferenceSession(path, options, providers=providers)
 
 
+def _input_types(proto: onnx.ModelProto) -> list[np.dtype]:
+    initializers = {i.name for i in proto.graph.initializer}
+    return [
+        onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)
+        for v in proto.graph.input
+        if v.name not in initializers
+    ]
+
+
 def _fixed_batch(proto: onnx.ModelProto) -> int | None:
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     return dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
@@ -220,6 +229,8 @@ def validate(
     else:
         batches = [[t.detach().cpu().numpy() for t in (b if isinstance(b, (tuple, list)) else (b,))] for b in inputs]
         inputs_name = inputs_name or "the inputs given"
+    types = _input_types(proto)  # a float16 file takes float16 inputs
+    batches = [[a.astype(t) if a.dtype.kind == "f" else a for a, t in zip(arrays, types)] for arrays in batches]
     if (fixed := _fixed_batch(proto)) and any(b[0].shape[0] != fixed for b in batches):
         batches = _to_batch(batches, fixed)
     expected = [_torch_outputs(torch_model.eval(), arrays) for arrays in batches]
