@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from dataclasses import asdict, dataclass, field
 
 
@@ -71,9 +72,13 @@ class ConversionReport:
 
 
 def _table(rows: list[dict], columns: tuple[str, ...]) -> list[str]:
+    """Columns at most 60 wide; longer cells wrap onto the next lines, never cut."""
     cells = [[str(row.get(c, "")) for c in columns] for row in rows]
     widths = [min(60, max(len(c), *(len(r[i]) for r in cells))) for i, c in enumerate(columns)]
-    fmt = "  ".join(f"{{:{w}.{w}}}" for w in widths)
-    return ["  " + fmt.format(*columns), "  " + fmt.format(*("-" * w for w in widths))] + [
-        "  " + fmt.format(*r) for r in cells
-    ]
+    fmt = "  ".join(f"{{:{w}}}" for w in widths)
+    lines = ["  " + fmt.format(*columns).rstrip(), "  " + fmt.format(*("-" * w for w in widths))]
+    for row in cells:
+        wrapped = [textwrap.wrap(text, w) or [""] for text, w in zip(row, widths)]
+        for k in range(max(map(len, wrapped))):
+            lines.append(("  " + fmt.format(*(c[k] if k < len(c) else "" for c in wrapped))).rstrip())
+    return lines
