@@ -33,6 +33,7 @@ def files(tmp_path_factory):
     torch.jit.save(torch.jit.script(torch.nn.Linear(3, 2)), d / "scripted.pt")
     (d / "truncated.pt").write_bytes((d / "resnet18.pt").read_bytes()[:50_000])
     (d / "garbage.pt").write_bytes(b"not a model at all")
+    (d / "text.pt").write_text("epoch,loss\n1,0.5\n2,0.25\n")  # a log saved under the wrong name
     return d
 
 
@@ -96,6 +97,7 @@ BAD = {
     "missing": (["missing.pt"], "not found"),
     "garbage": (["garbage.pt", "--arch", "torchvision.models:resnet18"], "corrupt or truncated"),
     "truncated": (["truncated.pt", "--arch", "torchvision.models:resnet18"], "corrupt or truncated"),
+    "text file": (["text.pt", "--arch", "torchvision.models:resnet18"], "not a PyTorch file"),
     "torchscript": (["scripted.pt"], "TorchScript"),
     "pickle": (["pickled.pt"], "--trust-pickle"),
     "no arch": (["resnet18.pt"], "--arch"),
@@ -154,18 +156,67 @@ def test_unwritable_output_folder(files, tmp_path):
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr and "--out-dir" in proc.stderr
 
 
-def test_debug_shows_the_traceback(files):
-    proc = cosconvert("missing.pt", "--debug", cwd=files)
-    assert proc.returncode != 0 and "Traceback" in proc.stderr
+@pytest.mark.parametrize(
+    "args, code",
+    [(["missing.pt"], 2), (["text.pt", "--arch", "torchvision.models:resnet18"], 2),
+     (["resnet18.pt", "--arch", "torchvision.models:resnet18", "--out-dir", "resnet18.pt/x"], 3)],
+)  # fmt: skip
+def test_debug_adds_the_traceback_and_keeps_the_exit_code(files, args, code):
+    plain, debug = cosconvert(*args, cwd=files), cosconvert(*args, "--debug", cwd=files)
+    assert plain.returncode == debug.returncode == code, (plain.stderr, debug.stderr)
+    assert "Traceback" in debug.stderr and "Traceback" not in plain.stderr
+    assert debug.stderr.strip().splitlines()[-1] == plain.stderr.strip()  # the same one line, last
+
+
+def test_version():
+    proc = cosconvert("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"cosconvert {cosconvert_api.__version__}"
 
 
 def test_help_has_examples():
     proc = cosconvert("--help")
-    assert (
-        proc.returncode == 0
-        and "cosconvert demo" in proc.stdout
-        and "--arch torchvision.models:resnet18" in proc.stdout
-    )
+    assert proc.returncode == 0 and "cosconvert demo" in proc.stdout and "--arch timm:convnext_atto" in proc.stdout
+
+
+OWN_OPTIONS = {
+    "inspect": ({"--arch", "--strip-norms", "--gain", "--json"}, {"--fp16", "--epochs", "--resume", "--out-dir"}),
+    "convert": ({"--data", "--centered", "--out-dir"}, {"--fp16", "--epochs", "--resume", "--providers"}),
+    "finetune": ({"--epochs", "--resume", "--data"}, {"--fp16", "--centered", "--providers"}),
+    "export": ({"--fp16", "--inline", "--static-batch"}, {"--epochs", "--centered", "--data"}),
+    "validate": ({"--reference", "--model", "--providers"}, {"--fp16", "--epochs", "--centered"}),
+    "run": ({"--epochs", "--fp16", "--providers", "--centered"}, set()),
+    "demo": ({"--epochs", "--centered", "--out-dir"}, {"--arch", "--fp16"}),
+}
+
+
+def _options(help_text: str) -> dict[str, str]:
+    """Each option of a --help page, with its help text (its lines joined)."""
+    options, current = {}, None
+    for line in help_text.split("\n\n", 1)[1].splitlines():
+        stripped = line.strip()
+        if stripped.startswith("--") or stripped.startswith("-h"):
+            current = stripped.split()[0].rstrip(",")
+            options[current] = " ".join(stripped.split("  ", 1)[1:])
+        elif current and line.startswith(" " * 10):
+            options[current] += " " + stripped
+        else:
+            current = None
+    return options
+
+
+@pytest.mark.parametrize("command", list(OWN_OPTIONS))
+def test_each_subcommand_takes_only_its_own_options_each_with_help_and_default(command):
+    mine, others = OWN_OPTIONS[command]
+    proc = cosconvert(command, "--help")
+    options = _options(proc.stdout)
+    assert mine <= set(options) and not others & set(options), sorted(options)
+    for option, text in options.items():
+        if option not in ("-h", "--help", "--version"):
+            assert len(text) > 20 and "(default: " in text, (option, text)
+    if others:
+        refused = cosconvert(command, "model.pt", sorted(others)[0])
+        lines = refused.stderr.strip().splitlines()
+        assert refused.returncode == 2 and len(lines) == 1 and "unrecognized arguments" in lines[0], refused.stderr
 
 
 NET_PY = """
@@ -223,22 +274,28 @@ def test_own_file_arch_safetensors_and_step_by_step_subcommands(tmp_path):
     data = ["--data", "digits", "--strip-norms", "fold"]
     steps = [
         ("convert", data),
-        ("finetune", [*data, "--epochs", "2", "--no-distill", "--lr", "0.01"]),
-        ("export", data),
-        ("validate", data),
+        ("finetune", ["--data", "digits", "--epochs", "2", "--no-distill", "--lr", "0.01"]),
     ]
     for command, extra in steps:
         proc = cosconvert(command, "net.safetensors", *common, *extra, cwd=tmp_path)
         assert proc.returncode == 0, (command, proc.stderr)
     out = tmp_path / "out"
-    summary = json.loads((out / "report.json").read_text())  # the last step's (validate)
-    assert summary["validation"]["passed"] and summary["input_shape"] == [1, 1, 8, 8]
+    summary = json.loads((out / "report.json").read_text())  # the finetune step's
+    assert summary["input_shape"] == [2, 1, 8, 8]  # from the data, with a batch of 2
+    written = {str(p.relative_to(tmp_path)) for p in [*out.iterdir(), *(out / "checkpoints").iterdir()] if p.is_file()}
+    assert set(summary["files"]) == written and "out/report.json" in written  # every file, report.json included
     # accuracy is measured on digits' held-out test split (every 4th sample), never on what was trained on
     assert summary["evaluated_on"].startswith("digits test split")
     converted = cosconvert_api.restore(_load_net(tmp_path, width=12), out / "converted.pt").eval()
     x, y = _sklearn_digits()
     held_out_accuracy = _accuracy(converted, x[::4], y[::4])
-    assert summary["accuracy_before"]["accuracy"] == held_out_accuracy  # the validate step's, of the saved model
+    assert summary["accuracy_after"]["accuracy"] == held_out_accuracy  # of the saved model
+    proc = cosconvert("export", "net.safetensors", *common, "--input-shape", "2,1,8,8", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    proc = cosconvert("validate", "out/model.onnx", "--quiet", cwd=tmp_path)  # the source named in the file
+    assert proc.returncode == 0, proc.stderr
+    validation = json.loads((out / "report.json").read_text())["validation"]
+    assert validation["passed"] and validation["path"] == "out/model.onnx"
     log = json.loads((out / "checkpoints" / "log.json").read_text())
     assert log[-1]["accuracy"] == held_out_accuracy  # fine-tuning's own per-epoch figure
     assert {"converted.pt", "model.onnx", "report.json", "checkpoints"} <= {p.name for p in out.iterdir()}
@@ -272,7 +329,7 @@ def test_validate_fails_on_a_wrong_onnx_file(tmp_path):
         assert cosconvert(command, *common, cwd=tmp_path).returncode == 0
     onnx_path = tmp_path / "out" / "model.onnx"
     spoil_cosine_conv(onnx_path, onnx_path)
-    proc = cosconvert("validate", *common, cwd=tmp_path)
+    proc = cosconvert("validate", "out/model.onnx", "--quiet", cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("cosconvert: error:") and "tolerance" in lines[0], proc.stderr
