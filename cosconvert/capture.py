@@ -86,12 +86,27 @@ def _clone(tree):
     return tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, tree)
 
 
+def _versions(tree) -> list[int]:
+    return [t._version for t in tree_leaves(tree) if isinstance(t, Tensor)]
+
+
+class _Kept:
+    """A value kept by reference (no copy), and whether anything has written into it since."""
+
+    def __init__(self, value) -> None:
+        self.value, self.versions = value, _versions(value)
+
+    def intact(self) -> bool:
+        return _versions(self.value) == self.versions
+
+
 class Capture:
     """What each module of ``model`` received on one run (its first call), and where the inputs came
     from. ``model`` is run once, unchanged; ``modules`` limits which modules are recorded."""
 
     def __init__(self, model: nn.Module, batch: tuple[tuple, dict, str] | None, modules: Iterable[nn.Module]) -> None:
-        self.inputs: dict[nn.Module, tuple[tuple, dict]] = {}
+        self.inputs: dict[nn.Module, _Kept] = {}  # (args, kwargs) of each module's first call
+        self.outputs: dict[nn.Module, _Kept] = {}  # what it returned
         self.source: str | None = None
         self.checked, self.disagreed = 0, 0
         tries = [(batch[0], batch[1], batch[2])] if batch is not None else [
@@ -104,14 +119,20 @@ class Capture:
                 self.example = (args, kwargs)
                 return
             self.inputs.clear()
+            self.outputs.clear()
         self.example = None
 
     def _record(self, model: nn.Module, watched: list[nn.Module], args: tuple, kwargs: dict) -> bool:
-        def hook(module, a, k):
+        def before(module, a, k):
             if module not in self.inputs:
-                self.inputs[module] = _clone((a, k))
+                self.inputs[module] = _Kept((a, k))
 
-        handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in watched]
+        def after(module, a, k, out):
+            if module not in self.outputs:
+                self.outputs[module] = _Kept(out)
+
+        handles = [m.register_forward_pre_hook(before, with_kwargs=True) for m in watched]
+        handles += [m.register_forward_hook(after, with_kwargs=True) for m in watched]
         try:
             with quiet(model):
                 model(*args, **kwargs)
@@ -125,12 +146,17 @@ class Capture:
     def check(self, graph: nn.Module, module: nn.Module) -> str | None:
         """Why ``graph`` (traced from ``module``, not rewritten yet) is not ``module`` on its
         example inputs, or None if they agree or there are no inputs to check on."""
-        if module not in self.inputs:
+        kept = self.inputs.get(module)
+        if kept is None or not kept.intact():  # written into later in the run (an in-place op): unusable
             return None
-        args, kwargs = self.inputs[module]
+        args, kwargs = kept.value
         self.checked += 1
-        with quiet(module):
-            expected = module(*_clone(args), **_clone(kwargs))
+        done = self.outputs.get(module)
+        if module.training or done is None or not done.intact():  # dropout draws anew, or overwritten
+            with quiet(module):
+                expected = module(*_clone(args), **_clone(kwargs))
+        else:
+            expected = done.value
         try:
             with quiet(module):
                 got = graph(*_clone(args), **_clone(kwargs))
