@@ -634,7 +634,7 @@ def convert(
     exclude: Sequence[str | type] | None = None,
     gain: str = "channel",
     eps: float = 1e-6,
-    example_inputs: tuple | None = None,
+    example_inputs: tuple | dict | torch.Tensor | None = None,
     calibration_data: Iterable | None = None,
 ) -> nn.Module:
     """The cosine-normalized twin of ``model``; ``model`` itself is left unchanged.
@@ -651,7 +651,12 @@ def convert(
             can reach the scales its activations and logits need), ``"scalar"`` or ``"none"``
             (the paper's exact form).
         eps: floor of each norm.
-        example_inputs: if given, both models run on them and the output shapes are checked.
+        example_inputs: inputs to check the conversion on (a tuple of positional inputs, a
+            tensor, or a dict of keyword inputs); else the first calibration batch, else inputs
+            inferred from the first layer. Every traced graph is compared with its module on
+            them (a graph that disagrees is not used: fallback), the converted model's layer
+            calls are checked at run time where something runs by fallback, and, for
+            ``example_inputs``, the output shapes of both models are compared.
         calibration_data: if given, an iterable of input batches on which each cosine layer's
             gain and bias are fitted to the original layer's outputs (:func:`calibrate`).
 
@@ -667,9 +672,12 @@ def convert(
         "include": _names(include), "exclude": _names(exclude),
     }  # fmt: skip
     report = ConversionReport(settings=settings)
+    if calibration_data is not None and iter(calibration_data) is calibration_data:
+        calibration_data = list(calibration_data)  # a one-pass iterator: its first batch is read twice
     work = copy.deepcopy(model)
     watched = [m for m in work.modules() if not _is_leaf(m) or _own_forward(m)]
-    capture = Capture(work, example_batch(example_inputs, calibration_data), watched)
+    batch = example_batch(example_inputs, calibration_data)
+    capture = Capture(work, batch, watched)
     passes = _Pass(report, capture, centered, strip_norms, include, exclude, gain, eps)
     converted = passes.run(work, "", root=True)
     report.parameters = {"original": _count(model), "converted": _count(converted)}
@@ -685,7 +693,7 @@ def convert(
         _verify(converted, report, *capture.example)
     _attach(converted, report)
     if example_inputs is not None:
-        _check_outputs(model, converted, example_inputs)
+        _check_outputs(model, converted, batch[0], batch[1])
     if calibration_data is not None:
         from cosconvert.calibration import calibrate
 
@@ -766,9 +774,9 @@ def _attach(converted: nn.Module, report: ConversionReport) -> None:
         preserved["cosine_report"] = report
 
 
-def _check_outputs(model: nn.Module, converted: nn.Module, example_inputs: tuple) -> None:
+def _check_outputs(model: nn.Module, converted: nn.Module, args: tuple, kwargs: dict) -> None:
     with torch.no_grad():
-        ref, out = model(*example_inputs), converted(*example_inputs)
+        ref, out = model(*args, **kwargs), converted(*args, **kwargs)
     ref_shapes = [t.shape for t in torch.utils._pytree.tree_leaves(ref) if isinstance(t, torch.Tensor)]
     out_shapes = [t.shape for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
     if ref_shapes != out_shapes:

@@ -167,6 +167,16 @@ def test_optional_inputs_run_in_every_combination():
         ref, _ = reference_outputs(model, **kwargs)
         assert rel(out, ref) < 1e-5, kwargs
     assert any("optional inputs" in row["reason"] for row in converted.cosine_report.fallbacks)
+    checked = cosconvert.convert(model, gain="none", example_inputs={"input_ids": ids, "attention_mask": mask})
+    assert checked.cosine_report.checks["inputs"] == "example_inputs"
+    assert checked.cosine_report.checks["graphs checked"] >= 2  # the two addmm layers, traced on their own
+
+
+def test_a_one_pass_iterator_of_calibration_batches_is_read_whole():
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
+    batches = [torch.randn(4, 6) for _ in range(3)]
+    converted = cosconvert.convert(model, calibration_data=iter(batches))
+    assert converted.cosine_report.calibration["batches"] == 3
 
 
 class Specializing(nn.Module):
