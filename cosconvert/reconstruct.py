@@ -30,8 +30,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
-from cosconvert.calibration import batch_inputs
-from cosconvert.convert import LEAVES, _trace
+from cosconvert.calibration import _PLAIN, _Fit, batch_inputs
+from cosconvert.convert import LAYERS, LEAVES, _trace
 from cosconvert.data import load_data
 
 __all__ = ["reconstruct", "find_blocks"]
@@ -54,28 +54,40 @@ def _is_block_list(m: nn.Module) -> bool:
 
 
 def find_blocks(model: nn.Module) -> list[str]:
-    """The names of ``model``'s residual blocks or transformer layers: the children of every
-    Sequential/ModuleList of repeated composite modules, innermost first (timm's
-    ``stages.N.blocks.M`` rather than ``stages.N``); else the top-level children with parameters."""
+    """The names of ``model``'s residual blocks or transformer layers (the children of every
+    Sequential/ModuleList of repeated composite modules, the finest such: timm's
+    ``stages.N.blocks.M`` rather than ``stages.N``), and of the linear and conv layers outside
+    them (a stem, a classifier), in definition order; without repeated blocks, the top-level
+    children that have parameters."""
 
-    def expand(blocks: nn.Module, path: str) -> list[str]:
-        found: list[str] = []
+    def expand(blocks: nn.Module, path: str) -> list[tuple[str, bool]]:
+        found: list[tuple[str, bool]] = []
         for sub, block in blocks.named_children():
             name = f"{path}.{sub}"
-            found += expand(block, name) if _is_block_list(block) else walk(block, name) or [name]
+            if _is_block_list(block):
+                found += expand(block, name)
+            else:
+                inner = walk(block, name)
+                found += inner if any(composite for _, composite in inner) else [(name, True)]
         return found
 
-    def walk(module: nn.Module, prefix: str) -> list[str]:
-        found: list[str] = []
+    def walk(module: nn.Module, prefix: str) -> list[tuple[str, bool]]:
+        """(name, is a composite block) pairs under ``module``."""
+        found: list[tuple[str, bool]] = []
         for name, child in module.named_children():
             path = f"{prefix}.{name}" if prefix else name
-            found += expand(child, path) if _is_block_list(child) else walk(child, path)
+            if _is_block_list(child):
+                found += expand(child, path)
+            elif isinstance(child, tuple(LAYERS)):
+                found.append((path, False))
+            else:
+                found += walk(child, path)
         return found
 
-    blocks = walk(model, "")
-    if not blocks:
-        blocks = [n for n, c in model.named_children() if next(c.parameters(), None) is not None]
-    return blocks
+    found = walk(model, "")
+    if not any(composite for _, composite in found):
+        return [n for n, c in model.named_children() if next(c.parameters(), None) is not None]
+    return [name for name, _ in found]
 
 
 # -- outlining blocks of a flat fx graph ---------------------------------------------------------
@@ -165,14 +177,21 @@ class _Staged:
     ``close()``."""
 
     def __init__(self, converted: nn.Module, original: nn.Module, blocks: Sequence[str]) -> None:
-        self.run, self.converted, self.original = converted, {}, {}
+        self.run, self.converted, self.original, self.sources = converted, {}, {}, {}
+        self.norms: dict[str, nn.Module] = {}
         self._swapped: list[tuple[str, nn.Module]] = []
         self._model = converted
         called = _called(converted, blocks)
         inlined: dict[str, list[str]] = {}  # graph module path -> blocks inlined in it
         for name in blocks:
             if name in called:
-                self.converted[name], self.original[name] = converted.get_submodule(name), original.get_submodule(name)
+                layer, source = converted.get_submodule(name), original.get_submodule(name)
+                norm = layer.__dict__.get("_stripped_norm", (None, None))[1]  # convert stripped it after this layer
+                self.converted[name], self.original[name] = (
+                    layer,
+                    source if norm is None else nn.Sequential(source, norm),
+                )
+                self.sources[name], self.norms[name] = source, norm
                 continue
             owner = _graph_owner(converted, name)
             if owner is None:
@@ -188,6 +207,7 @@ class _Staged:
                     if len(subs[rel].inputs) != len(original_subs[rel].inputs):
                         raise ValueError(f"block {name!r} takes different inputs in the converted and original graphs")
                     self.converted[name], self.original[name] = subs[rel], original_subs[rel]
+                    self.sources[name] = original_subs[rel]
                 if owner:
                     self._swapped.append((owner, converted.get_submodule(owner)))
                     converted.set_submodule(owner, staged)
@@ -236,12 +256,30 @@ def _called(model: nn.Module, blocks: Sequence[str]) -> list[str]:
     return names
 
 
+@torch.no_grad()
+def _call_order(model: nn.Module, names: Sequence[str], inputs: tuple) -> list[str]:
+    """``names`` in the order ``model`` first calls them on ``inputs``."""
+    order: list[str] = []
+    handles = [
+        model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: None if n in order else order.append(n))
+        for n in names
+    ]
+    try:
+        model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order + [n for n in names if n not in order]
+
+
 # -- data ---------------------------------------------------------------------------------------
 def _batches(data, batch_size: int, max_samples: int, device: torch.device) -> list[tuple]:
-    """Up to ``max_samples`` inputs from ``data`` (a data spec, Dataset, DataLoader or iterable of
-    batches; labels, if any, are ignored), as a list of input tuples of at most ``batch_size``."""
+    """Up to ``max_samples`` inputs from ``data`` (a data spec, Dataset, DataLoader, a tensor of
+    inputs or an iterable of batches; labels, if any, are ignored), as a list of input tuples of at most ``batch_size``."""
     if isinstance(data, str):
         data = load_data(data)
+    if isinstance(data, Tensor):  # one batch of inputs
+        data = [data]
     if isinstance(data, Dataset) and not isinstance(data, IterableDataset):
         data = DataLoader(data, batch_size)
     elif isinstance(data, IterableDataset):
@@ -265,15 +303,19 @@ class _Stop(Exception):
     """Raised by the capture hook: the rest of the forward pass is not needed."""
 
 
-def _capture(run: nn.Module, block: nn.Module, batches: list[tuple]) -> list[tuple[tuple, dict]]:
-    """What ``run`` feeds ``block`` on each batch (its args and kwargs), stopping each pass there."""
-    captured: list[tuple[tuple, dict]] = []
+def _capture(run: nn.Module, block: nn.Module, batches: list[tuple], output: bool = False) -> list:
+    """What ``run`` feeds ``block`` on each batch (its args and kwargs), or with ``output`` what
+    ``block`` returns there, stopping each pass at that point."""
+    captured: list = []
 
-    def hook(module, args, kwargs):
-        captured.append((_detach(args), _detach(kwargs)))
+    def hook(module, args, kwargs, out=None):
+        captured.append(_detach(out) if output else (_detach(args), _detach(kwargs)))
         raise _Stop
 
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    if output:
+        handle = block.register_forward_hook(hook, with_kwargs=True)
+    else:
+        handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
             for inputs in batches:
@@ -309,20 +351,55 @@ def _mean_loss(block: nn.Module, captured, targets, autocast) -> float:
     return total / len(captured)
 
 
-def _fit_block(block, original_block, captured, *, steps, lr, train, autocast, scaler, progress, desc) -> dict:
+@torch.no_grad()
+def _refit(block: nn.Module, source: nn.Module, captured: list[tuple[tuple, dict]]) -> None:
+    """Calibration inside the block: each cosine layer's gain and bias refitted by least squares, as
+    :func:`cosconvert.calibrate` does, to the original layer (and any normalizer stripped after it)
+    on the inputs the reconstructed prefix now feeds it. Layers whose weights no longer are the
+    original's (trained before) are left alone."""
+    fits, saved = [], []
+    for name, layer in block.named_modules():
+        original = source.get_submodule(name)
+        if type(layer) not in _PLAIN or layer.gain is None or not torch.equal(layer.weight, original.weight):
+            continue
+        saved.append((layer, layer.__dict__.get("_stripped_norm")))
+        norm = saved[-1][1][1] if saved[-1][1] is not None else None
+        object.__setattr__(layer, "_stripped_norm", (original.bias, norm))  # the fit's target: the original layer
+        fits.append(_Fit(layer))
+    handles = [fit.layer.register_forward_hook(fit) for fit in fits]
+    try:
+        for args, kwargs in captured:
+            block(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for layer, stripped in saved:
+            if stripped is None:
+                del layer.__dict__["_stripped_norm"]
+            else:
+                object.__setattr__(layer, "_stripped_norm", stripped)
+
+
+def _fit_block(
+    block, original_block, source, captured, targets, *, steps, lr, train, refit, autocast, scaler, progress, desc
+) -> dict:
     started = time.perf_counter()
-    with torch.no_grad(), autocast:
-        targets = [_detach(original_block(*args, **kwargs)) for args, kwargs in captured]
+    if targets is None:
+        with torch.no_grad(), autocast:
+            targets = [_detach(original_block(*args, **kwargs)) for args, kwargs in captured]
     power = sum(sum(t.float().pow(2).mean().item() for t in _leaves(x)) / len(_leaves(x)) for x in targets)
     power /= len(targets)
     before = _mean_loss(block, captured, targets, autocast)
+    snapshot = [p.detach().clone() for p in block.parameters()]
+    if refit:
+        _refit(block, source, captured)
     params = [
         p for n, p in block.named_parameters() if p.requires_grad and (train == "all" or n.endswith(("gain", "bias")))
     ]
     if not params or steps == 0:
-        return {"loss_before": before, "loss_after": before, "target_power": power, "steps": 0,
+        after = _mean_loss(block, captured, targets, autocast)
+        return {"loss_before": before, "loss_after": after, "target_power": power, "steps": 0,
                 "parameters": 0, "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
-    snapshot = [p.detach().clone() for p in params]
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     order = torch.randperm(len(captured)).tolist()
@@ -345,7 +422,7 @@ def _fit_block(block, original_block, captured, *, steps, lr, train, autocast, s
     after = _mean_loss(block, captured, targets, autocast)
     if after > before:  # never leave a block worse than it came: put its parameters back
         with torch.no_grad():
-            for p, saved in zip(params, snapshot):
+            for p, saved in zip(block.parameters(), snapshot):
                 p.copy_(saved)
         after = before
     return {"loss_before": before, "loss_after": after, "target_power": power, "steps": steps,
@@ -355,7 +432,7 @@ def _fit_block(block, original_block, captured, *, steps, lr, train, autocast, s
 def reconstruct(
     converted: nn.Module,
     original: nn.Module,
-    data: str | Dataset | DataLoader | Iterable,
+    data: str | Tensor | Dataset | DataLoader | Iterable,
     *,
     blocks: str | Sequence[str] = "auto",
     steps: int = 200,
@@ -363,9 +440,11 @@ def reconstruct(
     batch_size: int = 32,
     max_samples: int = 512,
     train: str = "all",
+    refit: bool = True,
+    target: str = "network",
     amp: str | None = "bf16",
     device: str | torch.device | None = None,
-    progress: bool = False,
+    verbose: bool = False,
 ) -> dict:
     """Train each block of ``converted`` in place, in order, to reproduce ``original``'s block on the
     inputs the converted network feeds it. Returns (and stores in the conversion report) per block the
@@ -373,15 +452,23 @@ def reconstruct(
 
     Args:
         data: inputs (labels ignored) as for :func:`cosconvert.finetune.finetune`: a Dataset, a
-            DataLoader, batches of inputs or (inputs, labels), or a data spec (``"digits"``, ``x.npz``).
+            DataLoader, a tensor of inputs, batches of inputs or (inputs, labels), or a data spec
+            (``"digits"``, ``x.npz``, as :func:`cosconvert.data.load_data`).
         blocks: ``"auto"`` (:func:`find_blocks` on ``original``) or module names, e.g. ``["layer1.0", "fc"]``.
         steps: optimizer steps per block, each on one batch of ``batch_size`` of the ``max_samples`` inputs.
         lr: Adam's learning rate (cosine schedule to 0 over each block's steps).
         train: ``"all"`` parameters of the block, or ``"affine"`` (only gains and biases).
+        target: what each block learns to output: ``"network"``, the original network's activation
+            there on the same images (so errors made before the block are corrected, not carried on), or
+            ``"block"``, the original block applied to what the converted network feeds it.
+        refit: first refit the block's gains and biases in closed form, as :func:`cosconvert.calibrate`
+            does, on the inputs the reconstructed prefix feeds it (a block is never left worse than before).
         amp: autocast dtype on CUDA, ``"bf16"``, ``"fp16"`` (with a gradient scaler) or None; CPU runs float32.
         device: where to run (both models are moved there); default: where ``converted`` is.
-        progress: a progress bar per block.
+        verbose: a progress bar per block (on stderr).
     """
+    if target not in ("network", "block"):
+        raise ValueError(f"target must be 'network' or 'block', got {target!r}")
     if train not in ("all", "affine"):
         raise ValueError(f"train must be 'all' or 'affine', got {train!r}")
     if amp not in ("bf16", "fp16", None):
@@ -400,17 +487,25 @@ def reconstruct(
     modes = converted.training, original.training
     converted.eval(), original.eval()  # normalizers keep their statistics, dropout is off
     staged = _Staged(converted, original, names)
+    names = _call_order(original, names, batches[0])
     rows = []
     try:
         for i, name in enumerate(names):
             captured = _capture(staged.run, staged.converted[name], batches)
-            row = _fit_block(staged.converted[name], staged.original[name], captured, steps=steps, lr=lr,
-                             train=train, autocast=autocast, scaler=scaler, progress=progress,
+            targets = None  # target="block": the original block on the converted network's inputs
+            if target == "network":  # the original network's own activations there
+                targets = _capture(original, original.get_submodule(name), batches, output=True)
+                norm = staged.norms.get(name)
+                if norm is not None:
+                    with torch.no_grad():
+                        targets = [norm(t) for t in targets]
+            row = _fit_block(staged.converted[name], staged.original[name], staged.sources[name], captured, targets, steps=steps, lr=lr,
+                             train=train, refit=refit, autocast=autocast, scaler=scaler, progress=verbose,
                              desc=f"block {i + 1}/{len(names)} {name}")  # fmt: skip
             rows.append(
                 {"block": name, **{k: float(f"{v:.6g}") if isinstance(v, float) else v for k, v in row.items()}}
             )
-            del captured
+            del captured, targets
     finally:
         staged.close()
         converted.train(modes[0]), original.train(modes[1])
