@@ -34,7 +34,9 @@ def optional_inputs(module: nn.Module) -> list[str]:
 
 def _candidates(model: nn.Module) -> list[tuple[tuple, str]]:
     """Inputs built from the model's first embedding, conv or linear layer: (args, description)."""
-    first = next((m for m in model.modules() if isinstance(m, (nn.Embedding, nn.modules.conv._ConvNd, nn.Linear))), None)
+    first = next(
+        (m for m in model.modules() if isinstance(m, (nn.Embedding, nn.modules.conv._ConvNd, nn.Linear))), None
+    )
     if first is None or first.weight.is_meta:
         return []
     like = first.weight
@@ -49,7 +51,10 @@ def _candidates(model: nn.Module) -> list[tuple[tuple, str]]:
         shapes = [(1, first.in_channels, 8, 32, 32)]
     else:
         shapes = [(2 if size < 100 else 1, first.in_channels, size, size) for size in _IMAGE_SIZES]
-    return [((torch.randn(s, device=like.device, dtype=like.dtype),), f"shape {s} inferred from the first layer") for s in shapes]
+    return [
+        ((torch.randn(s, device=like.device, dtype=like.dtype),), f"shape {s} inferred from the first layer")
+        for s in shapes
+    ]
 
 
 def example_batch(example_inputs, calibration_data: Iterable | None) -> tuple[tuple, dict, str] | None:

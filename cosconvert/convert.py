@@ -41,7 +41,6 @@ from torch import nn
 from cosconvert.calls import (
     ADDMM,
     TWINS,
-    DotProductCalls,
     cosine_addmm,
     is_weight,
     plain_class,
@@ -49,7 +48,7 @@ from cosconvert.calls import (
     scoped_class,
     scoped_function,
 )
-from cosconvert.capture import Capture, example_batch, optional_inputs, quiet
+from cosconvert.capture import Capture, example_batch, optional_inputs
 from cosconvert.nn import (
     GAINS,
     CosineConv1d,
@@ -60,6 +59,7 @@ from cosconvert.nn import (
     _CosineMixin,
 )
 from cosconvert.report import ConversionReport
+from cosconvert.verify import verify
 
 __all__ = ["convert", "inspect", "Affine", "STRIP_MODES"]
 
@@ -682,7 +682,8 @@ def convert(
     converted = passes.run(work, "", root=True)
     report.parameters = {"original": _count(model), "converted": _count(converted)}
     report.checks = {
-        "inputs": capture.source or "none: the model did not run on inputs inferred from its first layer; "
+        "inputs": capture.source
+        or "none: the model did not run on inputs inferred from its first layer; "
         "pass example_inputs to check its graphs and layers",
         "graphs checked": capture.checked,
         "graphs that disagreed (converted by fallback)": capture.disagreed,
@@ -690,7 +691,7 @@ def convert(
     if not report.fallbacks and all(row["kind"] != "run-time" for row in report.converted):
         report.checks["run-time check"] = "not needed: no fallback, every layer call is a node of the graph"
     elif capture.example is not None:
-        _verify(converted, report, *capture.example)
+        verify(converted, report, *capture.example)
     _attach(converted, report)
     if example_inputs is not None:
         _check_outputs(model, converted, batch[0], batch[1])
@@ -699,66 +700,6 @@ def convert(
 
         calibrate(converted, model, calibration_data)
     return converted
-
-
-def _verify(converted: nn.Module, report: ConversionReport, args: tuple, kwargs: dict) -> None:
-    """Run ``converted`` once and make the report say how its layers really ran: a layer call that
-    ran as a plain dot product is listed as skipped (never converted), and a call CosineCalls ran
-    as a cosine is listed as converted."""
-    owners = {}
-    for path, m in converted.named_modules():
-        for p in m.parameters(recurse=False):
-            owners.setdefault(id(p), path)
-    stack: list[str] = []
-
-    def leave(*_) -> None:
-        stack.pop()
-
-    hooks = []
-    for path, m in converted.named_modules():
-        hooks.append(m.register_forward_pre_hook(lambda *_, path=path: stack.append(path)))
-        hooks.append(m.register_forward_hook(leave))
-    spy = _Attributing(owners, stack)
-    try:
-        with quiet(converted), spy:
-            converted(*args, **kwargs)
-    except Exception as err:  # noqa: BLE001 - say so, do not fail the conversion
-        report.checks["run-time check"] = f"the converted model failed on the example inputs: {_reason(err)}"
-        return
-    finally:
-        for hook in hooks:
-            hook.remove()
-    report.checks["run-time check"] = (
-        f"{len(spy.plain)} layer calls ran as plain dot products, {len(spy.cosine_calls)} ran under CosineCalls"
-    )
-    listed = lambda rows, name: any(r["name"] == name or r["name"].startswith(name + ".") for r in rows)  # noqa: E731
-    for func, name in dict.fromkeys(spy.plain):
-        report.converted = [r for r in report.converted if r["name"] != name]
-        if not listed(report.skipped, name):
-            report.skipped.append({
-                "name": name, "type": func, "reason": "ran as a plain dot product on the example inputs",
-            })  # fmt: skip
-    plain = {name for _, name in spy.plain}
-    for func, name in dict.fromkeys(spy.cosine_calls):
-        if name not in plain and not listed(report.converted, name):
-            report.converted.append({"name": name, "kind": "run-time", "source": func, "target": "CosineCalls"})
-
-
-class _Attributing(DotProductCalls):
-    """:class:`DotProductCalls` that names each call's layer: the module owning its weight, else
-    the innermost module running."""
-
-    def __init__(self, owners: dict[int, str], stack: list[str]) -> None:
-        super().__init__()
-        self.owners, self.stack = owners, stack
-
-    def _record(self, calls: list, func: str, weight: torch.Tensor) -> None:
-        owner = self.owners.get(id(weight))
-        if owner is None and weight._base is not None:
-            owner = self.owners.get(id(weight._base))
-        if owner is None:
-            owner = self.stack[-1] if self.stack else ""
-        calls.append((func, owner or "<root>"))
 
 
 def _names(patterns) -> list[str] | None:
