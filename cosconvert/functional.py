@@ -30,14 +30,17 @@ per-position sums (one value per position, not per channel) go to float64, where
 
 is exact for the float32 inputs. A depthwise field has one channel, so there is nothing to
 shift and its sums are taken in float64 directly.
+
+Under ``torch.compile`` the math traces whole, with no graph break: the sums of squares are plain
+expressions there, which inductor fuses into the kernels around them, in place of the eager
+path's cache-sized pieces and hand-written backward.
 """
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -59,23 +62,32 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _IntOrTuple = int | Sequence[int]
 
 
-_IN_COSINE_MATH = contextvars.ContextVar("cosconvert_in_cosine_math", default=False)
+_IN_COSINE_MATH = contextvars.ContextVar("cosconvert_in_cosine_math", default=False)  # eager: per thread
+_compiled_depth = 0  # under torch.compile: dynamo traces a module global's changes, not a ContextVar's
 
 
-@contextlib.contextmanager
-def _cosine_math() -> Iterator[None]:
+class _CosineMath:
     """Marks the plain conv/linear calls the cosine math makes itself, so that
     :class:`cosconvert.calls.CosineCalls` (which turns plain calls into cosine ones) leaves them alone."""
-    token = _IN_COSINE_MATH.set(True)
-    try:
-        yield
-    finally:
-        _IN_COSINE_MATH.reset(token)
+
+    def __enter__(self) -> None:
+        global _compiled_depth
+        if torch.compiler.is_compiling():
+            _compiled_depth += 1
+        else:
+            self._token = _IN_COSINE_MATH.set(True)
+
+    def __exit__(self, *exc) -> None:
+        global _compiled_depth
+        if torch.compiler.is_compiling():
+            _compiled_depth -= 1
+        else:
+            _IN_COSINE_MATH.reset(self._token)
 
 
 def in_cosine_math() -> bool:
     """True inside the cosine math's own conv/linear calls."""
-    return _IN_COSINE_MATH.get()
+    return _compiled_depth > 0 if torch.compiler.is_compiling() else _IN_COSINE_MATH.get()
 
 
 def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -141,6 +153,8 @@ def _cache_sized(x: Tensor, dim: int) -> tuple[Tensor, ...]:
     """``x`` split along ``dim`` into pieces of about ``_CACHE_BYTES``. Elementwise temporaries (a
     square, a difference) of a large input leave the cache before they are summed; made a piece
     at a time they do not (about twice as fast for a 26 MB input here)."""
+    if torch.compiler.is_compiling():  # inductor fuses the temporaries away: one piece
+        return (x,)
     step = max(1, _CACHE_BYTES * x.shape[dim] // (x.numel() * x.element_size()))
     return x.split(step, dim)
 
@@ -172,7 +186,10 @@ class _SumOfSquares(torch.autograd.Function):
 
 
 def sum_of_squares(x: Tensor, dim: int) -> Tensor:
-    """``(x * x).sum(dim)``, with a one-pass backward where autograd is watching."""
+    """``(x * x).sum(dim)``, with a one-pass backward where autograd is watching. Compiled, the plain
+    expression: inductor fuses it into one pass (and its backward into the kernels around it)."""
+    if torch.compiler.is_compiling():
+        return (x * x).sum(dim)
     return _SumOfSquares.apply(x, dim) if torch.is_grad_enabled() and x.requires_grad else _squares_summed(x, dim)
 
 
@@ -200,7 +217,7 @@ def receptive_field_inverse_norm(
             return list(sums)
         stacked = torch.cat(sums, 1) if len(sums) > 1 else sums[0]
         ones = stacked.new_ones(stacked.shape[1], 1, *kernel_size)
-        with _cosine_math():
+        with _CosineMath():
             window = _CONV[dims](stacked, ones, None, stride, padding, dilation, stacked.shape[1])
         return list(window.split(groups, 1))
 
@@ -295,7 +312,7 @@ def conv_normalized(
         bias = weight.new_zeros(weight.shape[0]) if bias is None else bias
         stride, dilation = list(_tuple(stride, dims)), list(_tuple(dilation, dims))
         return torch.ops.cosconvert.conv_normalized(input, weight, bias, stride, pads, dilation, groups, centered, eps)
-    with _cosine_math():
+    with _CosineMath():
         out = _CONV[dims](input, weight, None, stride, padding, dilation, groups)
     inv = receptive_field_inverse_norm(
         input, weight.shape[2:], stride, padding, dilation, groups, centered=centered, eps=eps
@@ -325,7 +342,7 @@ def linear_normalized(
     if torch.compiler.is_exporting():
         bias = weight.new_zeros(weight.shape[0]) if bias is None else bias
         return torch.ops.cosconvert.linear_normalized(input, weight, bias, centered, eps)
-    with _cosine_math():
+    with _CosineMath():
         out = F.linear(input, weight)
     with torch.autocast(input.device.type, enabled=False):
         x = input.to(_norm_dtype(input.dtype))
