@@ -236,16 +236,17 @@ def inspect(model: nn.Sequential, x: Tensor) -> dict:
     return {"dead": dead, "gain": None if gain is None else gain.item(), "bias": max(biases, default=0.0)}
 
 
-def run_all(jobs: list[dict], workers: int, cache: Path | None = None) -> list[dict]:
+def run_all(jobs: list[dict], workers: int, cache: Path | None = None, cached_only: bool = False) -> list[dict]:
     """The jobs in ``workers`` processes of one thread each (tiny nets use one core badly).
-    With ``cache`` (a JSON-lines file), runs found there are reused and new ones appended."""
+    With ``cache`` (a JSON-lines file), runs found there are reused and new ones appended;
+    with ``cached_only``, only the runs found there are returned and nothing is trained."""
     key = functools.partial(json.dumps, sort_keys=True)
     stored = {}
     if cache is not None and cache.exists():
         for line in cache.read_text().splitlines():
             result = json.loads(line)
             stored[key(result["job"])] = result
-    todo = [job for job in jobs if key(job) not in stored]
+    todo = [] if cached_only else [job for job in jobs if key(job) not in stored]
     done, start = [], time.perf_counter()
     with contextlib.ExitStack() as stack:
         if workers > 1 and len(todo) > 1:
@@ -261,13 +262,13 @@ def run_all(jobs: list[dict], workers: int, cache: Path | None = None) -> list[d
                 log.flush()
             if len(done) % max(1, len(todo) // 5) == 0:
                 print(f"  {len(done)}/{len(todo)} runs, {time.perf_counter() - start:.0f} s", flush=True)
-    return [stored[key(job)] for job in jobs]
+    return [stored[key(job)] for job in jobs if key(job) in stored]
 
 
 # ---------------------------------------------------------------- the study
 
 
-def study(combos: list[tuple[str, str]], seeds: int, epochs: dict, workers: int, small: bool, cache=None) -> dict:
+def study(combos, seeds: int, epochs: dict, workers: int, small: bool, cache=None, cached_only=False) -> dict:
     """Per dataset and network (cheapest first): sweep every variant's rate on the validation
     split (seed 0), then train the paper's rate and the sweep's best with ``seeds`` seeds on the
     full training split. Returns all runs and the chosen rates."""
@@ -278,32 +279,32 @@ def study(combos: list[tuple[str, str]], seeds: int, epochs: dict, workers: int,
         base = {"data": d, "network": n, "epochs": epochs[d], "small": small}
         jobs = [{**base, "method": m, "head": h, "lr": SWEEP_CENTER[m] * f, "seed": 0, "validation": True}
                 for m, h in variants() for f in SWEEP]  # fmt: skip
-        sweep += (runs := run_all(jobs, workers, cache))
+        sweep += (runs := run_all(jobs, workers, cache, cached_only))
         for m, h in variants():
             tried = [r for r in runs if (r["method"], r["head"]) == (m, h)]
             best[d, n, m, h] = min(tried, key=lambda r: (r["error"], abs(math.log(r["lr"] / SWEEP_CENTER[m]))))["lr"]
         jobs = [{**base, "method": m, "head": h, "lr": lr, "seed": seed, "validation": False}
-                for m, h in variants() for lr in sorted({PAPER_LR.get(m, best[d, n, m, h]), best[d, n, m, h]})
-                for seed in range(seeds)]  # fmt: skip
-        finals += run_all(jobs, workers, cache)
+                for seed in range(seeds) for m, h in variants()
+                for lr in sorted({PAPER_LR.get(m, best[d, n, m, h]), best[d, n, m, h]})]  # fmt: skip
+        finals += run_all(jobs, workers, cache, cached_only)  # seed by seed: a cut-short run has every variant
     return {"sweep": sweep, "finals": finals, "best": {"/".join(k): v for k, v in best.items()}}
 
 
-def diagnose(epochs: int, seeds: int, workers: int, small: bool, cache=None) -> list[dict]:
+def diagnose(epochs: int, seeds: int, workers: int, small: bool, cache=None, cached_only=False) -> list[dict]:
     """Plain cosine on digits at the paper's rate, its layers with and without a bias: the
     internals per epoch that show why the version with a bias fails."""
     return run_all([
         {"data": "digits", "network": n, "method": "cosine", "head": "gain", "lr": PAPER_LR["cosine"], "seed": s,
          "epochs": epochs, "validation": False, "small": small, "bias": bias, "diagnose": True}
         for n in ("MLP", "CNN") for bias in (True, False) for s in range(seeds)
-    ], workers, cache)  # fmt: skip
+    ], workers, cache, cached_only)  # fmt: skip
 
 
 # ---------------------------------------------------------------- the report
 
 
 def summary(runs: list[dict]) -> tuple[float, float]:
-    errors = [r["error"] for r in runs]
+    errors = [r["error"] for r in runs] or [math.nan]
     return statistics.mean(errors), statistics.stdev(errors) if len(errors) > 1 else 0.0
 
 
@@ -334,7 +335,7 @@ def report(results: dict, combos: list[tuple[str, str]], command: str) -> list[s
             key=lambda h: pick(sweep, data=d, network=n, method=m, head=h, lr=best[f"{d}/{n}/{m}/{h}"])[0]["error"],
         )
 
-    seeds = len(runs(*combos[0], "base", "linear", "best"))
+    seeds = max(r["seed"] for r in finals) + 1
     lines = [f"Produced by `{command}`; test error in %, mean ± standard deviation over {seeds} seeds.", ""]
     header = "| method | " + " | ".join(f"{d} {n}" for d, n in combos) + " |"
     rule = "|---" * (len(combos) + 1) + "|"
@@ -344,7 +345,9 @@ def report(results: dict, combos: list[tuple[str, str]], command: str) -> list[s
             cells = []
             for d, n in combos:
                 mean, sd = summary(runs(d, n, m, h, kind))
-                cells.append(f"{mean:.2f} ± {sd:.2f} (lr {rate(d, n, m, h, kind):g})")
+                count = len(runs(d, n, m, h, kind))
+                seeds_note = "" if count == seeds else f", {count} seeds"
+                cells.append(f"{mean:.2f} ± {sd:.2f} (lr {rate(d, n, m, h, kind):g}{seeds_note})")
             lines.append(f"| {label(m, h)} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["### The sweep: validation error (seed 0) at 0.1, 0.316, 1, 3.16, 10 times the center rate", "",
@@ -441,6 +444,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="the same number of epochs for every dataset")
     parser.add_argument("--small", action="store_true", help="a quarter of each split (for a quick check)")
     parser.add_argument("--cache", type=Path, help="a JSON-lines file of finished runs: reused, and appended to")
+    parser.add_argument("--cached-only", action="store_true", help="report the --cache's runs, train nothing")
     args = parser.parse_args()
     combos = COMBOS
     if args.only:
@@ -453,8 +457,10 @@ def main() -> None:
     for d in {d for d, _ in combos} | {"digits"}:
         _load(d)  # once, before the workers fork
     start = time.perf_counter()
-    results = study(combos, args.seeds, epochs, args.workers, args.small, args.cache)
-    results["diagnosis"] = diagnose(epochs["digits"], min(args.seeds, 3), args.workers, args.small, args.cache)
+    results = study(combos, args.seeds, epochs, args.workers, args.small, args.cache, args.cached_only)
+    results["diagnosis"] = diagnose(
+        epochs["digits"], min(args.seeds, 3), args.workers, args.small, args.cache, args.cached_only
+    )
     minutes = (time.perf_counter() - start) / 60
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
