@@ -358,7 +358,7 @@ class _Pass:
     def rewrite_functional(self, gm: fx.GraphModule, node: fx.Node, prefix: str, units: int | None) -> None:
         name = _join(prefix, _node_path(node))
         source = getattr(node.target, "__name__", str(node.target))
-        if not self.selected(name, None):
+        if units is None and not self.selected(name, None):  # a layer's own calls: the layer was selected
             self._skip(name, source, "excluded by include/exclude")
             if self._in_fallback:  # the fallback's CosineCalls would otherwise take it
                 node.target = plain_function(node.target)

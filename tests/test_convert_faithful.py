@@ -83,6 +83,13 @@ def test_conv_subclass_with_own_forward_keeps_its_semantics(conv_cls):
     assert names == {"0", "3"} and not converted.cosine_report.skipped
 
 
+def test_include_selects_a_layer_with_its_own_forward_by_its_name():
+    converted = cosconvert.convert(convnet(StdConv), include=["3"])
+    report = converted.cosine_report
+    assert [row["name"] for row in report.converted] == ["3.conv2d"]
+    assert [row["name"] for row in report.skipped] == ["0"]
+
+
 def test_weight_normalizer_is_never_stripped_and_gains_are_per_channel():
     model = convnet(StdConv)
     x = torch.randn(2, 3, 9, 9)
