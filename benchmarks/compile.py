@@ -1,0 +1,123 @@
+"""torch.compile (inductor) of converted networks against the compiled originals, side by side.
+
+    python benchmarks/compile.py [--device cpu] [--batch 4] [--size 112] [--repeat 3]
+        [--models resnet18 resnet50 mobilenet_v3_large vit_b_16]
+
+For each model: inference (eval, no_grad) and a training step (forward, backward, SGD update), each
+compiled with ``fullgraph=True``; then single cosine convolutions against plain ones at the four
+ResNet-50 shapes of benchmarks/layers.py, compiled the same way (forward only, and forward+backward).
+Compilation happens before timing; ratios are converted / original, interleaved (see _timing.py).
+"""
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from _timing import compare
+from layers import SHAPES
+from train_step import step_fn
+
+import cosconvert
+from cosconvert.functional import cosine_conv2d
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def train_step(model, x, y):
+    return step_fn(torch.compile(model, fullgraph=True), x, y)
+
+
+def infer(model, x):
+    compiled = torch.compile(model, fullgraph=True)
+
+    def run():
+        with torch.no_grad():
+            return compiled(x)
+
+    return run
+
+
+def timed(device: str, fn):
+    def run():
+        fn()
+        sync(device)
+
+    return run
+
+
+def models(args) -> None:
+    print(f"{'model':20} {'pass':9} {'original ms':>12} {'cosine ms':>10} {'ratio':>6} {'compile s':>10}")
+    for name in args.models:
+        torch.manual_seed(0)
+        kwargs = {"image_size": args.size} if name.startswith("vit") else {}
+        x = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
+        y = torch.randint(0, 1000, (args.batch,), device=args.device)
+        for label, make in [("inference", infer), ("training", train_step)]:
+            train = label == "training"
+            original = torchvision.models.get_model(name, **kwargs).to(args.device).train(train)
+            converted = cosconvert.convert(original).train(train)
+            start = time.perf_counter()
+            fns = {"original": timed(args.device, make(original, x) if not train else make(original, x, y)),
+                   "cosine": timed(args.device, make(converted, x) if not train else make(converted, x, y))}  # fmt: skip
+            for fn in fns.values():  # compile both before any timing
+                fn()
+            compile_s = time.perf_counter() - start
+            t = compare(fns, repeat=args.repeat, warmup=1)
+            print(
+                f"{name:20} {label:9} {t['original'] * 1e3:12.1f} {t['cosine'] * 1e3:10.1f} "
+                f"{t['cosine'] / t['original']:6.2f} {compile_s:10.0f}",
+                flush=True,
+            )
+            torch._dynamo.reset()
+
+
+def layers(args) -> None:
+    print(f"\n{'shape':28} {'pass':8} {'conv ms':>8} {'cos ms':>8} {'cos/conv':>8}")
+    for name, (cin, cout, size, k, stride, groups) in SHAPES.items():
+        if groups != 1:
+            continue  # the ResNet-50 shapes
+        x = torch.randn(8, cin, size, size, device=args.device, requires_grad=True)
+        w = torch.randn(cout, cin, k, k, device=args.device, requires_grad=True)
+        conv = torch.compile(lambda x, w: F.conv2d(x, w, None, stride, k // 2), fullgraph=True)
+        cos = torch.compile(lambda x, w: cosine_conv2d(x, w, None, stride, k // 2), fullgraph=True)
+        for label in ("fwd", "fwd+bwd"):
+            grad = label != "fwd"
+
+            def run(fn, grad=grad):
+                with torch.set_grad_enabled(grad):
+                    out = fn(x, w)
+                    if grad:
+                        out.sum().backward()
+                sync(args.device)
+
+            t = compare({"conv": lambda: run(conv), "cos": lambda: run(cos)}, repeat=args.repeat * 3, warmup=2)
+            print(
+                f"{name:28} {label:8} {t['conv'] * 1e3:8.2f} {t['cos'] * 1e3:8.2f} {t['cos'] / t['conv']:8.2f}",
+                flush=True,
+            )
+        torch._dynamo.reset()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--size", type=int, default=112)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--models", nargs="*", default=["resnet18", "resnet50", "mobilenet_v3_large", "vit_b_16"])
+    parser.add_argument("--layers", action=argparse.BooleanOptionalAction, default=True)
+    args = parser.parse_args()
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    print(f"torch {torch.__version__}, {device}, inductor, float32, batch {args.batch}, {args.size}x{args.size}\n")
+    models(args)
+    if args.layers:
+        layers(args)
+
+
+if __name__ == "__main__":
+    main()
