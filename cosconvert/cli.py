@@ -266,6 +266,8 @@ def step_convert(run: Run) -> None:
     from cosconvert.calibration import batch_inputs
 
     args = run.args
+    if args.reconstruct and run.data is None:
+        raise CliError("--reconstruct needs --data (inputs to reconstruct on; labels are not needed)")
     run.say("converting" + (" and calibrating" if run.data is not None else ""))
     device = _device_of(run.original)
     calibration = None if run.data is None else [batch_inputs(b)[0].to(device) for _, b in zip(range(8), run.data)]
@@ -277,6 +279,9 @@ def step_convert(run: Run) -> None:
     run.say.note(report.summary())
     if report.calibration:
         run.say.note(f"calibration: {report.calibration['before']} -> {report.calibration['after']}")
+    if args.reconstruct:
+        run.say.note("reconstructing block by block")
+        cosconvert.reconstruct(run.converted, run.original, run.data, verbose=not args.quiet)
     _measure(run, "before")
     cosconvert.save(run.converted, run.recipe)
     run.wrote(run.recipe)
@@ -552,7 +557,7 @@ def _add_source(p: argparse.ArgumentParser, positional: bool = True) -> None:
     g.add_argument("--trust-pickle", action="store_true", help="allow unpickling a whole nn.Module (runs code: trusted files only)")  # fmt: skip
 
 
-def _add_conversion(p: argparse.ArgumentParser) -> None:
+def _add_conversion(p: argparse.ArgumentParser, reconstruct: bool = False) -> None:
     g = p.add_argument_group("conversion")
     g.add_argument("--centered", action="store_true", help="Pearson correlation instead of cosine")
     g.add_argument("--strip-norms", choices=["off", "drop", "fold"], default="off",
@@ -561,6 +566,9 @@ def _add_conversion(p: argparse.ArgumentParser) -> None:
     g.add_argument("--exclude", action="append", help="keep layers matching this name glob as they are (repeatable)")
     g.add_argument("--gain", choices=["channel", "scalar", "none"], default="channel",
                    help="learned output scale of each cosine layer: per channel, one per layer, or none")  # fmt: skip
+    if reconstruct:
+        g.add_argument("--reconstruct", action="store_true", help="after calibrating, train each block to give the "
+                       "original's activations on up to 512 inputs of --data (no labels needed)")  # fmt: skip
 
 
 def _add_inputs(p: argparse.ArgumentParser, data: bool = True) -> None:
@@ -632,7 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = add(name, text)
         _add_source(p)
         if "convert" in steps:
-            _add_conversion(p)
+            _add_conversion(p, reconstruct=True)
         _add_inputs(p, data=name != "export")
         if "finetune" in steps:
             _add_finetune(p, epochs=0 if name == "run" else 1)

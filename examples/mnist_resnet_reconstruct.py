@@ -98,13 +98,18 @@ def train_original(train: TensorDataset, width: int, epochs: int, cache: Path) -
 
 def distill_for(model, original, train, seconds: float, batch_size: int = 64) -> int:
     """Distillation (finetune with the original as teacher) on as many training images as fit in
-    ``seconds``, with the throughput measured on a short run of a copy first. Returns the images used."""
+    ``seconds`` (whole epochs, then part of one), with the throughput measured on a short run of a
+    copy first. Returns the images used."""
     probe = copy.deepcopy(model)
     started = time.perf_counter()
     finetune(probe, Subset(train, range(4 * batch_size)), teacher=original, epochs=1, verbose=False)
     rate = 4 * batch_size / (time.perf_counter() - started)
-    images = max(batch_size, min(len(train), int(rate * seconds)))
-    finetune(model, Subset(train, range(images)), teacher=original, epochs=1, batch_size=batch_size, verbose=False)
+    images = max(batch_size, int(rate * seconds))
+    epochs, rest = divmod(images, len(train))
+    if epochs:  # whole epochs, then the rest as a partial one
+        finetune(model, train, teacher=original, epochs=epochs, batch_size=batch_size, verbose=False)
+    if rest >= batch_size:
+        finetune(model, Subset(train, range(rest)), teacher=original, epochs=1, batch_size=batch_size, verbose=False)
     return images
 
 
@@ -188,7 +193,7 @@ def write(result: dict, out: Path, command: str) -> None:
     fig.tight_layout()
     for path, write_fn in ((out / "reconstruction_loss.png", lambda p: fig.savefig(p, dpi=100, format="png")),
                            (out / "reconstruction_table.md", lambda p: p.write_text("\n".join(lines) + "\n")),
-                           (out / "reconstruction.json", lambda p: p.write_text(json.dumps(result, indent=2)))):  # fmt: skip
+                           (out / "reconstruction.json", lambda p: p.write_text(json.dumps(result, indent=2, default=str)))):  # fmt: skip
         tmp = path.with_name(f".{path.name}.tmp")
         write_fn(tmp)
         os.replace(tmp, path)

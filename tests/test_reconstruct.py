@@ -188,3 +188,16 @@ def test_deep_net_on_real_digits_keeps_the_original_accuracy(tmp_path):
     assert original > 90
     assert reconstructed["accuracy"] >= original - 1
     assert reconstructed["accuracy"] > rows["calibration alone"]["accuracy"]
+
+
+def test_cli_reconstruct_without_data_is_one_line_exit_2(tmp_path):
+    from cosconvert.demo import DigitsCNN
+
+    torch.save(DigitsCNN().state_dict(), tmp_path / "d.pt")
+    args = ["convert", tmp_path / "d.pt", "--arch", "cosconvert.demo:DigitsCNN", "--reconstruct", "--quiet"]
+    proc = subprocess.run([sys.executable, "-m", "cosconvert", *map(str, args), "--out-dir", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "cosconvert: error: --reconstruct needs --data (inputs to reconstruct on; labels are not needed)"
+    ]
