@@ -78,7 +78,7 @@ TIMM = {
     "edgenext_xx_small": ({}, [(2, 64), (3, 96)]),
     "fastvit_t8": ({}, [(2, 64), (3, 96)]),
     "mobileone_s0": ({}, [(2, 32), (3, 48)]),
-    "dla34": ({}, [(2, 32), (3, 48)]),
+    "dla34": ({}, [(2, 32), (3, 64)]),  # its tree joins need sizes divisible by 32
     "gernet_s": ({}, [(2, 32), (3, 48)]),
     "pvt_v2_b0": ({}, [(2, 64), (3, 96)]),
     "tf_mixnet_s": ({}, [(2, 33), (3, 48)]),  # Conv2dSame in mixed kernel sizes
@@ -280,9 +280,9 @@ def check_faithful(family: str, name: str, row: dict) -> None:
     row.update(converted=len(report.converted), skipped=len(report.skipped), fallbacks=len(report.fallbacks))
     errors = []
     for args, kwargs in input_sets:
+        ref, mode = reference_outputs(model, *args, skip=skipped, **kwargs)  # first: the input set is valid
         with torch.no_grad():
             out = converted(*args, **kwargs)
-        ref, mode = reference_outputs(model, *args, skip=skipped, **kwargs)
         assert sum(mode.calls.values()) > 0, "the reference replaced no layer call"
         assert max(r.abs().max() for r in leaves(ref)) > 1e-3, "degenerate reference output: it cannot judge"
         errors.append(rel_error(out, ref))
@@ -330,10 +330,12 @@ def test_onnx_export_validates(family, name, tmp_path):
         if family == "timm":  # one image size (ViT's export fixes it), two batch sizes
             input_sets = [((torch.randn(b, *input_sets[0][0][0].shape[1:]),), {}) for b in (2, 3)]
         batches = [positional(name, args, kwargs) for args, kwargs in input_sets]
+        if name == "GPT2Model":
+            model.config.use_cache = False  # a cache object is no ONNX output: export features, as users do
         converted = cosconvert.convert(model, gain="none").eval()
         path = cosconvert.export_onnx(converted, batches[0], tmp_path / "model.onnx")
         report = cosconvert.validate(path, converted, inputs=batches, providers="CPUExecutionProvider")
-        assert report.passed, str(report)
+        assert report.passed, " / ".join(str(report).splitlines()[-2:])  # the provider's verdict, the overall one
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         names = [i.name for i in session.get_inputs()]
         for (args, kwargs), batch in zip(input_sets, batches):
