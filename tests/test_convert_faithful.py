@@ -256,3 +256,16 @@ def test_pt2_program_strips_its_norms(tmp_path):
         torch.testing.assert_close(from_pt2(x), from_module(x), rtol=1e-4, atol=1e-5)
         kept = cosconvert.convert(program, gain="none")(x)
     assert (kept - from_pt2(x)).abs().max() > 1e-2  # stripping changed the function
+
+
+def test_a_layer_run_by_fallback_has_a_gain_per_output_unit():
+    model = nn.Sequential(DynamicSame(3, 6, 3, stride=2)).eval()
+    converted = cosconvert.convert(model, gain="channel")
+    layer = converted.get_submodule("0")
+    assert layer.cosine_gain.shape == (6,) and converted.cosine_report.fallbacks[0]["name"] == "0"
+    x, bias = torch.randn(2, 3, 7, 8), model[0].bias.view(1, -1, 1, 1)
+    with torch.no_grad():
+        before = converted(x) - bias
+        layer.cosine_gain.copy_(torch.arange(1.0, 7.0))
+        after = converted(x) - bias
+    torch.testing.assert_close(after, before * torch.arange(1.0, 7.0).view(1, -1, 1, 1))
