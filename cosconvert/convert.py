@@ -683,7 +683,7 @@ def convert(
     report.parameters = {"original": _count(model), "converted": _count(converted)}
     report.checks = {
         "inputs": capture.source
-        or "none: the model did not run on inputs inferred from its first layer; "
+        or "none: no example inputs given, and none inferred from its first layer that it runs on; "
         "pass example_inputs to check its graphs and layers",
         "graphs checked": capture.checked,
         "graphs that disagreed (converted by fallback)": capture.disagreed,
