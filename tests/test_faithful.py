@@ -77,7 +77,6 @@ TIMM = {
     "xcit_nano_12_p16_224": ({"img_size": 64, "depth": 4}, [(2, 64), (3, 48)]),
     "edgenext_xx_small": ({}, [(2, 64), (3, 96)]),
     "fastvit_t8": ({}, [(2, 64), (3, 96)]),
-    "mobileone_s0": ({}, [(2, 32), (3, 48)]),
     "dla34": ({}, [(2, 32), (3, 64)]),  # its tree joins need sizes divisible by 32
     "gernet_s": ({}, [(2, 32), (3, 48)]),
     "pvt_v2_b0": ({}, [(2, 64), (3, 96)]),
