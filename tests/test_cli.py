@@ -159,7 +159,7 @@ def test_unwritable_output_folder(files, tmp_path):
 @pytest.mark.parametrize(
     "args, code",
     [(["missing.pt"], 2), (["text.pt", "--arch", "torchvision.models:resnet18"], 2),
-     (["resnet18.pt", "--arch", "torchvision.models:resnet18", "--out-dir", "resnet18.pt/x"], 3)],
+     (["resnet18.pt", "--arch", "torchvision.models:resnet18", *SMALL, "--out-dir", "resnet18.pt/x"], 3)],
 )  # fmt: skip
 def test_debug_adds_the_traceback_and_keeps_the_exit_code(files, args, code):
     plain, debug = cosconvert(*args, cwd=files), cosconvert(*args, "--debug", cwd=files)

@@ -166,6 +166,7 @@ def test_fp16_and_inline_reach_the_file(fp16_run, full_run):
     assert any(n.domain == DOMAIN for n in plain.graph.node) and plain.functions
 
 
+@pytest.mark.slow
 def test_gru_network_from_a_batch_1_shape(folder):
     """A GRU net given --input-shape 1,...: exported with a dynamic batch, validated at batches 1 and 8."""
     proc = cosconvert_cli("GRUNet.pt", "--arch", "nets.py:GRUNet", "--input-shape", "1,5,8", "--out-dir", "gru",
@@ -178,6 +179,7 @@ def test_gru_network_from_a_batch_1_shape(folder):
     assert validation["passed"] and validation["batch_sizes"] == [1, 8]
 
 
+@pytest.mark.slow
 def test_a_model_that_fixes_its_batch_is_refused_then_exported_static(folder):
     common = ["FixedBatch.pt", "--arch", "nets.py:FixedBatch", "--input-shape", "1,8", "--quiet"]
     refused = cosconvert_cli(*common, "--out-dir", "fixed", cwd=folder)
