@@ -5,11 +5,13 @@ layer's ``1/|x|``, which varies from position to position, and the errors compou
 the block-wise modes of quantization tools (BRECQ, AdaRound), each block ``B_j`` of the converted
 network is trained, in order, to minimise
 
-    MSE( converted B_j(x_j), original B_j(x_j) )
+    MSE( converted B_j(x_j), a_j )
 
 where ``x_j`` is what the converted network, its blocks before ``j`` already reconstructed, feeds
-block ``j``. The loss is local, needs no labels, and one block's inputs and targets are all that is
-held at a time: the converted network runs up to block ``j`` (and stops there) to make them.
+block ``j``, and ``a_j`` the original network's own activation there on the same inputs (so the
+block also corrects the error it is fed; ``target="block"``: the original ``B_j(x_j)``, as BRECQ).
+The loss is local, needs no labels, and one block's inputs and targets are all that is held at a
+time: each network runs up to block ``j`` (and stops there) to make them.
 
 A converted network is often one flat ``torch.fx`` graph in which a block such as ``layer1.0`` is
 no module of its own. Such blocks are outlined for the run: the block's nodes become a small
