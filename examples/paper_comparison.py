@@ -469,8 +469,9 @@ def main() -> None:
     )
     lines = ["# Paper comparison: the generated tables", "", *report(results, combos, command)]
     cpu = sum(r["cpu_seconds"] for part in ("sweep", "finals", "diagnosis") for r in results[part]) / 60
+    clock = "" if args.cached_only else f"; this run's wall clock, on a shared machine, was {minutes:.0f} minutes"
     lines += [f"Training took {cpu:.0f} CPU-minutes in all (one thread per run): about {cpu / 2:.0f} minutes "
-              f"on two idle cores; this run's wall clock, on a shared machine, was {minutes:.0f} minutes.", "",
+              f"on two idle cores{clock}.", "",
               "![test error per epoch](paper_comparison.png)", "",
               "![plain cosine with and without bias](paper_comparison_diagnosis.png)", ""]  # fmt: skip
     _write(out / "paper_comparison_results.md", "\n".join(lines))
