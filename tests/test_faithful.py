@@ -299,14 +299,21 @@ def check_faithful(family: str, name: str, row: dict) -> None:
 
 # -- ONNX ------------------------------------------------------------------------------------------
 
-# Conv2dSame, StdConv, a ViT, GPT-2 (Conv1D), BERT: name -> the forward's positional inputs to export.
+SEQUENCE_FIXED = "export_onnx fixes the sequence length: onnxruntime rejects 11 tokens after an export at 7 (#10)"
+STDCONV_EXPORT = (
+    "validate fails, rel 6.9e-2, in the standard ops between the cosine nodes: StdConv's weight standardization "
+    "as exported (#10); the torch model matches the reference"
+)
+# Conv2dSame, StdConv, a ViT, GPT-2 (Conv1D), BERT with dynamic batch and sequence length.
+# (family, model, why it is known to fail, or None): a known failure is a strict xfail, so a fix shows up.
 ONNX_CASES = [
-    ("timm", "tf_efficientnet_b0"),
-    ("timm", "resnetv2_50x1_bit"),
-    ("timm", "vit_tiny_patch16_224"),
-    ("transformers", "GPT2Model"),
-    ("transformers", "BertModel"),
+    ("timm", "tf_efficientnet_b0", None),
+    ("timm", "resnetv2_50x1_bit", STDCONV_EXPORT),
+    ("timm", "vit_tiny_patch16_224", None),
+    ("transformers", "GPT2Model", SEQUENCE_FIXED),
+    ("transformers", "BertModel", SEQUENCE_FIXED),
 ]
+# text models: the forward's positional inputs to export
 ONNX_INPUTS = {"GPT2Model": ("input_ids",), "BertModel": ("input_ids", "attention_mask")}
 
 
@@ -318,7 +325,13 @@ def positional(name: str, args: tuple, kwargs: dict) -> tuple:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("family", "name"), ONNX_CASES, ids=[n for _, n in ONNX_CASES])
+@pytest.mark.parametrize(
+    ("family", "name"),
+    [
+        pytest.param(f, n, id=n, marks=[pytest.mark.xfail(strict=True, reason=why)] if why else [])
+        for f, n, why in ONNX_CASES
+    ],
+)
 def test_onnx_export_validates(family, name, tmp_path):
     """Export with a dynamic batch (and, for text, sequence length: the two input sets differ in both),
     validate on onnxruntime against the converted model, and compare with the reference too."""
