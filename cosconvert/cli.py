@@ -463,11 +463,15 @@ def cmd_validate(args) -> int:
 
 
 def cmd_inspect(args) -> int:
+    import torch
+
     import cosconvert
 
-    original, _ = _load(args.model, args.arch, args.arch_kwargs, args.trust_pickle)
+    original, example = _load(args.model, args.arch, args.arch_kwargs, args.trust_pickle)
+    inputs = (torch.randn(_parse_shape(args.input_shape)),) if args.input_shape else example or None
     report = cosconvert.inspect(original, centered=args.centered, include=args.include, exclude=args.exclude,
-                                strip_norms=False if args.strip_norms == "off" else args.strip_norms, gain=args.gain)  # fmt: skip
+                                strip_norms=False if args.strip_norms == "off" else args.strip_norms, gain=args.gain,
+                                example_inputs=inputs)  # fmt: skip
     print(report.to_json() if args.json else report)
     return 0
 
@@ -664,6 +668,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = add("inspect", "print what conversion would do, changing and writing nothing")
     _add_source(i)
     _add_conversion(i)
+    i.add_argument("--input-shape", help="example input shape, batch first, on which the conversion is checked "
+                   "(default: the .pt2's example, else guessed from the first layer)")  # fmt: skip
     i.add_argument("--json", action="store_true", help="print the report as JSON")
     i.add_argument("--debug", action="store_true", help="add the traceback to errors (the exit code stays the same)")
     i.set_defaults(run=cmd_inspect)

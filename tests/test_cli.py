@@ -95,7 +95,7 @@ def test_inspect_writes_nothing(files, tmp_path):
 
 BAD = {
     "missing": (["missing.pt"], "not found"),
-    "garbage": (["garbage.pt", "--arch", "torchvision.models:resnet18"], "corrupt or truncated"),
+    "garbage": (["garbage.pt", "--arch", "torchvision.models:resnet18"], "not a PyTorch file"),
     "truncated": (["truncated.pt", "--arch", "torchvision.models:resnet18"], "corrupt or truncated"),
     "text file": (["text.pt", "--arch", "torchvision.models:resnet18"], "not a PyTorch file"),
     "torchscript": (["scripted.pt"], "TorchScript"),
