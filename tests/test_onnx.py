@@ -228,3 +228,49 @@ def test_model_over_2gb_exports_with_external_data(tmp_path):
     report = cosconvert.validate(path, model, [torch.randn(1, 23200), torch.randn(3, 23200)], repeat=1,
                                  providers="CPUExecutionProvider")  # fmt: skip
     assert report.passed
+
+
+class TokenNet(nn.Module):
+    """Token ids and a mask of one length: embeddings, masked mean over the sequence, a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(20, 6), nn.Linear(6, 3)
+
+    def forward(self, ids, mask):
+        m = mask.unsqueeze(-1).to(torch.float32)
+        return self.head((self.embed(ids) * m).sum(1) / m.sum(1).clamp(min=1))
+
+
+def test_token_inputs_export_with_a_dynamic_sequence(tmp_path):
+    # Traced at 7 tokens, run at 11 (and batch 3): the sequence axis of integer inputs is dynamic.
+    torch.manual_seed(0)
+    model = cosconvert.convert(TokenNet().eval(), gain="none").eval()
+    ids, mask = torch.randint(0, 20, (2, 7)), torch.ones(2, 7, dtype=torch.long)
+    path = cosconvert.export_onnx(model, (ids, mask), tmp_path / "tok.onnx")
+    ids, mask = torch.randint(0, 20, (3, 11)), (torch.rand(3, 11) > 0.3).long()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    (out,) = session.run(None, {names[0]: ids.numpy(), names[1]: mask.numpy()})
+    m = mask.unsqueeze(-1).double()
+    pooled = (model.embed.weight.detach().double()[ids] * m).sum(1) / m.sum(1).clamp(min=1)
+    ref = linear_reference(pooled, model.head.weight.detach().double(), model.head.bias.detach().double())
+    np.testing.assert_allclose(out, ref.numpy(), atol=1e-5)
+
+
+def test_a_fixed_sequence_is_one_clear_error(tmp_path):
+    # A model with one position embedding per token of 7 cannot take a dynamic sequence: the error says so.
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.pos, self.head = nn.Embedding(20, 2), nn.Parameter(torch.randn(7, 2)), nn.Linear(2, 3)
+
+        def forward(self, ids):
+            return self.head((self.embed(ids) + self.pos).mean(1))
+
+    model = cosconvert.convert(Flat().eval()).eval()
+    with pytest.raises(cosconvert.onnx.export.ExportError, match="sequence") as err:
+        cosconvert.export_onnx(model, torch.randint(0, 20, (2, 7)), tmp_path / "f.onnx")
+    assert "\n" not in str(err.value) and not list(tmp_path.iterdir())
+    path = cosconvert.export_onnx(model, torch.randint(0, 20, (2, 7)), tmp_path / "f.onnx", dynamic_shapes=[{}])
+    assert path.exists()

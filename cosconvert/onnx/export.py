@@ -190,15 +190,37 @@ def _cause(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
-def _fixed_batch(proto: onnx.ModelProto) -> list[str]:
-    """Graph inputs whose first axis is a fixed number, not a symbol."""
+def _fixed_axes(proto: onnx.ModelProto, dynamic_shapes: Sequence[Mapping[int, object]]) -> list[str]:
+    """Graph inputs whose axes asked to be dynamic came out as fixed numbers, not symbols."""
     initializers = {i.name for i in proto.graph.initializer}
+    values = [v for v in proto.graph.input if v.name not in initializers]
     fixed = []
-    for value in proto.graph.input:
+    for value, axes in zip(values, dynamic_shapes):
         dims = value.type.tensor_type.shape.dim
-        if value.name not in initializers and dims and dims[0].HasField("dim_value"):
-            fixed.append(f"{value.name} (batch {dims[0].dim_value})")
+        for axis in sorted(axes):
+            if axis < len(dims) and dims[axis].HasField("dim_value"):
+                fixed.append(f"{value.name} ({_AXIS_NAMES.get(axis, f'axis {axis}')} {dims[axis].dim_value})")
     return fixed
+
+
+_AXIS_NAMES = {0: "batch", 1: "sequence"}
+
+
+def _default_dynamic_shapes(inputs: tuple, dynamic_batch: bool) -> tuple[dict[int, object], ...]:
+    """Dim 0 of every input is the batch (unless ``dynamic_batch=False``); dim 1 of every integer input
+    or bool input of 2 dims (token ids, their masks) is the sequence, one length shared by all."""
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    sequence = torch.export.Dim("sequence", min=2, max=65536)
+    shapes = []
+    for x in inputs:
+        axes: dict[int, object] = {}
+        if isinstance(x, torch.Tensor) and x.dim():
+            if dynamic_batch:
+                axes[0] = batch
+            if x.dim() == 2 and not x.is_floating_point() and not x.is_complex():
+                axes[1] = sequence
+        shapes.append(axes)
+    return tuple(shapes)
 
 
 def _batch_of_two(inputs: tuple) -> tuple:
@@ -247,6 +269,7 @@ def export_onnx(
     path: str | os.PathLike,
     *,
     dynamic_batch: bool = True,
+    dynamic_shapes: Sequence[Mapping[int, object]] | None = None,
     opset: int | None = None,
     fp16: bool = False,
     inline: bool = False,
@@ -263,8 +286,10 @@ def export_onnx(
     in float16 (norms are still taken in float32 inside the ops).
 
     The batch axis (dim 0 of every input) is dynamic unless ``dynamic_batch=False``:
-    an example batch of 1 is traced as 2, and where the model fixes its batch anyway, an
-    :class:`ExportError` says so and nothing is written. ``metadata_props`` carry the cosconvert
+    an example batch of 1 is traced as 2. So is the sequence axis (dim 1) of every 2-dim integer
+    or bool input (token ids, attention masks; trace with 2+ tokens). ``dynamic_shapes`` (one
+    ``{axis: torch.export.Dim}`` per input) replaces both defaults. Where the model fixes an axis
+    asked to be dynamic, an :class:`ExportError` says so and nothing is written. ``metadata_props`` carry the cosconvert
     version, the conversion and export settings, and ``metadata``'s entries. The exporter's
     logs, warnings and progress lines are shown only with ``verbose=True``; its failures become
     one-line :class:`ExportError` messages. The file passes ``onnx.checker`` (full check) and is
@@ -276,11 +301,11 @@ def export_onnx(
     if fp16:
         frozen = frozen.half()
         inputs = tuple(x.half() if x.is_floating_point() else x for x in inputs)
-    dynamic_shapes = None
     if dynamic_batch:
         inputs = _batch_of_two(inputs)
-        batch = torch.export.Dim("batch", min=1, max=65536)
-        dynamic_shapes = tuple({0: batch} for _ in inputs)
+    if dynamic_shapes is None:
+        dynamic_shapes = _default_dynamic_shapes(inputs, dynamic_batch)
+    dynamic_shapes = tuple(dict(axes or {}) for axes in dynamic_shapes)
     quiet = contextlib.nullcontext if verbose else _silenced
     with quiet():  # fx prints a failing GraphModule's code to stderr
         if dynamic_batch:
@@ -293,20 +318,27 @@ def export_onnx(
             )  # fmt: skip
     except Exception as err:  # noqa: BLE001 - the exporter raises many types, each with pages of context
         cause = _cause(err)
-        if dynamic_batch and re.search(r"constraint|guard|specializ|inconsistent|dynamic|batch|\bs\d+\b", cause, re.I):
+        if cache := re.search(r"\b(\w*Cache)\b", cause):
             raise ExportError(
-                f"the batch axis cannot be exported as dynamic ({cause}); export with a fixed batch "
-                "(--static-batch, or dynamic_batch=False) at the batch size you will run"
+                f"the model returns a {cache.group(1)} (a key/value cache object), which ONNX cannot output ({cause}); "
+                "export without the cache (e.g. model.config.use_cache = False)"
+            ) from err
+        axes = sorted({_AXIS_NAMES.get(a, f"axis {a}") for shape in dynamic_shapes for a in shape})
+        if axes and re.search(r"constraint|guard|specializ|inconsistent|dynamic|batch|\bs\d+\b", cause, re.I):
+            raise ExportError(
+                f"the {' and '.join(axes)} {'axis' if len(axes) == 1 else 'axes'} cannot be exported as dynamic "
+                f"({cause}); export with them fixed "
+                "(--static-batch, or dynamic_batch=False, or dynamic_shapes without them) at the sizes you will run"
             ) from err
         raise ExportError(f"torch.onnx.export failed: {cause}") from err
     proto = program.model_proto
     _add_functions(proto)
     if inline:
         proto = _inline(proto)
-    if dynamic_batch and (fixed := _fixed_batch(proto)):
+    if fixed := _fixed_axes(proto, dynamic_shapes):
         raise ExportError(
-            f"the model fixes its batch size ({', '.join(fixed)}), so it cannot be exported with a dynamic batch; "
-            "export with a fixed batch (--static-batch, or dynamic_batch=False) at the batch size you will run"
+            f"the model fixes axes asked to be dynamic ({', '.join(fixed)}); export with those axes fixed "
+            "(--static-batch, or dynamic_batch=False, or dynamic_shapes without them) at the sizes you will run"
         )
     _set_metadata(proto, model, fp16, inline, metadata or {})
     _write(proto, path)
