@@ -117,6 +117,11 @@ def test_conv_function_body_matches_reference(tmp_path, case, centered):
 OFFSET_CASES = {name: BODY_PATHS[name] for name in ("dense 3x3", "pointwise padded", "depthwise", "grouped")}
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="the per-sample-shift body (747be43) met this test but broke centered mobilenet_v3_small on onnxruntime "
+    "(rel 6.8e-2 at a CosineConv node), so the float32 body is back until the shift is fixed (issue 15)",
+)
 @pytest.mark.parametrize("case", [*OFFSET_CASES, "linear"])
 def test_centered_on_offset_input_matches_reference(tmp_path, case):
     """Inputs whose mean is 100 times their spread: the centered energy S2 - S1^2 / n cancels in

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata
 import json
 import logging
 import math
@@ -248,10 +249,8 @@ def _settings(model: nn.Module) -> dict:
 
 
 def _set_metadata(proto: onnx.ModelProto, model: nn.Module, fp16: bool, inline: bool, extra: Mapping) -> None:
-    from cosconvert import __version__
-
     props = {
-        "cosconvert_version": __version__,
+        "cosconvert_version": importlib.metadata.version("cosconvert"),
         "conversion_settings": json.dumps(_settings(model), default=str, sort_keys=True),
         "export_settings": json.dumps({"fp16": fp16, "inline": inline}),
         **{k: str(v) for k, v in extra.items()},

@@ -7,10 +7,9 @@ folded in), so a node computes
     Y = conv(X, W) / sqrt(window_sum(|x|^2) - [centered] window_sum(x)^2 / n) + B
 
 The model carries these definitions as model-local functions, so any runtime without a
-fused kernel runs the node as its body. Norms are taken in float32 whatever X's type. The
-centered energy is formed from X minus each sample's mean, so an input whose mean dwarfs its
-spread loses nothing to cancellation (the PyTorch layers shift by each position's mean and
-finish in float64; onnxruntime has no float64 convolution for the window sums).
+fused kernel runs the node as its body. Norms are taken in float32 whatever X's type; unlike
+the PyTorch layers, the centered energy is formed in float32 too (float64 is not worth its
+cost in a deployed graph; the validation tolerances hold on every tested model).
 
 The bodies branch (``If``) on attributes and on W's shape alone. onnxruntime inlines a
 function no provider claims and then folds such branches, so each layer runs only its own
@@ -39,9 +38,10 @@ def InverseNorm(sum_sq, eps: float):
 
 
 @script(cosconvert_domain, default_opset=op)
-def CenteredInverseNorm(energy, sum_sq, eps: float):
-    """``1 / max(|x - mean x|, eps)`` of vectors from their centered energy ``|x - mean x|^2`` and
-    raw ``|x|^2``; 0 where a vector is constant (energy under ``CONSTANT_TOL`` of the raw)."""
+def CenteredInverseNorm(sum_sq, total, n, eps: float):
+    """``1 / max(|x - mean x|, eps)`` of vectors of ``n`` values from their sums of squares and sums,
+    0 where a vector is constant (its centered energy under ``CONSTANT_TOL`` of its raw energy)."""
+    energy = sum_sq - total * total / n
     constant = energy <= op.CastLike(CONSTANT_TOL, sum_sq) * sum_sq
     return op.Where(constant, op.CastLike(0.0, sum_sq), InverseNorm(energy, eps=eps))
 
@@ -94,30 +94,14 @@ def CosineConv(
     x = op.Cast(X, to=FLOAT.dtype)
     one = op.Constant(value_ints=[1])
     groups = op.Reshape(op.Constant(value_int=group), one)
+    window_sq = WindowSum(  # |x|^2 of every field: (N, group, *out)
+        GroupSum(x * x, W, group=group), W, strides=strides, pads=pads, dilations=dilations, group=group
+    )
     if op.Cast(op.Constant(value_int=centered), to=BOOL.dtype):
-        # Shifted by each sample's mean m first, so that S2 - S1^2 / n cannot cancel on an offset
-        # input (a field's centered energy does not depend on the shift). The padding, 0 in x, is
-        # -m once shifted: the window sums over the shifted x miss it, so it is added back from the
-        # count of padded values in each field, n - c * window_sum(1).
-        m = op.ReduceMean(x, op.Range(op.Constant(value_int=1), op.Size(op.Shape(x)), op.Constant(value_int=1)))
-        shifted = x - m
-        sq = WindowSum(
-            GroupSum(shifted * shifted, W, group=group), W, strides=strides, pads=pads, dilations=dilations, group=group
-        )
-        total = WindowSum(
-            GroupSum(shifted, W, group=group), W, strides=strides, pads=pads, dilations=dilations, group=group
-        )
-        ones = op.Expand(op.CastLike(1.0, x), op.Concat(one, groups, op.Shape(x, start=2), axis=0))
-        real = WindowSum(ones, W, strides=strides, pads=pads, dilations=dilations, group=group)
+        window = WindowSum(GroupSum(x, W, group=group), W, strides=strides, pads=pads, dilations=dilations, group=group)
         n = op.CastLike(op.ReduceProd(op.Shape(W, start=1), keepdims=0), x)
-        padded = n - real * op.CastLike(op.Shape(W, start=1, end=2), x)
-        s1, s2 = total - m * padded, sq + m * m * padded  # sums of x - m over the whole field
-        raw = s2 + m * (s1 + s1 + n * m)  # |x|^2 of the field
-        inv = CenteredInverseNorm(s2 - s1 * s1 / n, raw, eps=eps)
+        inv = CenteredInverseNorm(window_sq, window, n, eps=eps)
     else:
-        window_sq = WindowSum(  # |x|^2 of every field: (N, group, *out)
-            GroupSum(x * x, W, group=group), W, strides=strides, pads=pads, dilations=dilations, group=group
-        )
         inv = InverseNorm(window_sq, eps=eps)
     y = op.Cast(op.Conv(X, W, strides=strides, pads=pads, dilations=dilations, group=group), to=FLOAT.dtype)
     if op.Or(op.Equal(groups, one), op.Equal(op.Shape(W, start=0, end=1), groups)):
@@ -139,8 +123,10 @@ def CosineLinear(X, W, B, centered: int, eps: float):
     x = op.Cast(X, to=FLOAT.dtype)
     last = op.Constant(value_ints=[-1])
     sum_sq = op.ReduceSumSquare(x, last, keepdims=1)
-    if op.Cast(op.Constant(value_int=centered), to=BOOL.dtype):  # centered first: nothing to cancel
-        inv = CenteredInverseNorm(op.ReduceSumSquare(x - op.ReduceMean(x, last), last, keepdims=1), sum_sq, eps=eps)
+    if op.Cast(op.Constant(value_int=centered), to=BOOL.dtype):
+        inv = CenteredInverseNorm(
+            sum_sq, op.ReduceSum(x, last, keepdims=1), op.CastLike(op.Shape(x, start=-1), x), eps=eps
+        )
     else:
         inv = InverseNorm(sum_sq, eps=eps)
     y = op.MatMul(X, op.Transpose(W, perm=[1, 0]))
