@@ -49,6 +49,7 @@ from cosconvert.calls import (
     scoped_function,
 )
 from cosconvert.capture import Capture, example_batch, optional_inputs
+from cosconvert.layers import LAYERS, LEAVES, UNCONVERTIBLE, is_done, is_leaf, is_norm, out_units, own_forward
 from cosconvert.nn import (
     GAINS,
     CosineConv1d,
@@ -59,57 +60,20 @@ from cosconvert.nn import (
     _CosineMixin,
 )
 from cosconvert.report import ConversionReport
+from cosconvert.trace import (
+    attr_owner,
+    fetch,
+    from_constants,
+    function_name,
+    graft,
+    is_get_attr,
+    join,
+    node_path,
+    trace,
+)
 from cosconvert.verify import verify
 
 __all__ = ["convert", "inspect", "Affine", "STRIP_MODES"]
-
-LAYERS = {
-    nn.Linear: CosineLinear,
-    nn.Conv1d: CosineConv1d,
-    nn.Conv2d: CosineConv2d,
-    nn.Conv3d: CosineConv3d,
-    nn.MultiheadAttention: CosineMultiheadAttention,
-}
-NORMS = (
-    nn.modules.batchnorm._BatchNorm,  # BatchNorm1d/2d/3d, SyncBatchNorm
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.modules.instancenorm._InstanceNorm,
-    nn.RMSNorm,
-)
-# Linear-like layers the pass leaves as they are, and why. Checked before LAYERS (LazyLinear is a Linear).
-UNCONVERTIBLE = {
-    nn.modules.lazy.LazyModuleMixin: "lazy layer, not initialized: run one forward before converting",
-    nn.modules.conv._ConvTransposeNd: "transposed convolution: an output sums over scattered inputs, no receptive field",
-    nn.RNNBase: "recurrent layer: its gate dot products run inside one fused op",
-    nn.Bilinear: "bilinear form x1^T W x2, not a dot product with one input",
-}
-LEAVES = (*LAYERS, *UNCONVERTIBLE, _CosineMixin)
-_NORM_FORWARDS = {cls.forward for cls in (*NORMS, nn.SyncBatchNorm)}
-_LAYER_FORWARDS = {cls.forward for cls in LAYERS}
-
-
-def _own_forward(m: nn.Module) -> bool:
-    """A linear/conv/attention subclass with a forward of its own (timm's ``Conv2dSame`` pads,
-    ``StdConv2d`` standardizes its weight, a LoRA wrapper adds a branch): swapping it for a twin
-    would lose what its forward does, so it is traced (or run under CosineCalls) instead."""
-    return isinstance(m, tuple(LAYERS)) and not isinstance(m, _CosineMixin) and type(m).forward not in _LAYER_FORWARDS
-
-
-def _is_norm(m: nn.Module) -> bool:
-    """A normalizer with its torch forward. A subclass with its own forward (torchvision's
-    channels-first LayerNorm2d) is traced through instead, so its functional call is seen."""
-    return isinstance(m, NORMS) and type(m).forward in _NORM_FORWARDS
-
-
-def _is_leaf(m: nn.Module) -> bool:
-    return isinstance(m, LEAVES) or _is_norm(m) or _done(m)
-
-
-def _done(m: nn.Module) -> bool:
-    """Converted already: run under CosineCalls, or running a rewritten graph."""
-    return getattr(type(m), "_cosine_scoped", False) or getattr(type(m), "_cosine_graph", False)
-
 
 STRIP_MODES = (False, "drop", "fold")
 
@@ -164,32 +128,6 @@ class Affine(nn.Module):
         return f"channel_dim={self.channel_dim}"
 
 
-class _Tracer(fx.Tracer):
-    """fx's tracer, but it traces into torch.nn containers (transformer layers) and stops at the
-    layers the pass rewrites."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if _is_leaf(m):
-            return True
-        if next(m.children(), None) is not None:
-            return False
-        return super().is_leaf_module(m, qualname)
-
-
-def _trace(module: nn.Module) -> fx.GraphModule:
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)  # the transformer layers' fast-path checks are untraceable
-    try:
-        graph = _Tracer().trace(module)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-    return fx.GraphModule(module, graph, type(module).__name__)
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix and name else prefix or name
-
-
 def _norm_channel_dim(norm: nn.Module) -> int:
     return -1 if isinstance(norm, (nn.LayerNorm, nn.RMSNorm)) else 1
 
@@ -236,16 +174,16 @@ class _Pass:
     def run(self, module: nn.Module, path: str, root: bool = False) -> nn.Module:
         """The converted ``module``: a new GraphModule at the root, else ``module`` changed in place
         (its class kept, so the Python around it still finds its attributes), or its twin."""
-        if _is_norm(module):
+        if is_norm(module):
             return self.strip_leaf(module, path)
-        if _done(module):
+        if is_done(module):
             return module
-        if isinstance(module, LEAVES) and not _own_forward(module):
+        if isinstance(module, LEAVES) and not own_forward(module):
             return self.swap(module, path)
         if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
             self.convert_children(module, path)
             return module
-        if _own_forward(module) and not self.selected(path, module):
+        if own_forward(module) and not self.selected(path, module):
             self._skip(path, type(module).__name__, "excluded by include/exclude")
             if self._in_fallback:  # its calls would otherwise meet the fallback's CosineCalls
                 module.__class__ = plain_class(type(module))
@@ -258,14 +196,14 @@ class _Pass:
             )
             return self.fallback(module, path, reason, _forward_location(module))
         try:
-            gm = _trace(module)
+            gm = trace(module)
         except Exception as err:  # noqa: BLE001 - any failure to trace means fallback
             return self.fallback(module, path, _reason(err), _user_location(err))
         mismatch = self.capture.check(gm, module)
         if mismatch is not None:
             return self.fallback(module, path, mismatch, _forward_location(module))
-        self.rewrite(gm, path, _out_units(module))
-        return gm if root else _graft(module, gm)
+        self.rewrite(gm, path, out_units(module))
+        return gm if root else graft(module, gm)
 
     def swap(self, m: nn.Module, name: str) -> nn.Module:
         """``m``'s cosine twin, or ``m`` itself (reported) where it cannot or should not be converted."""
@@ -292,7 +230,7 @@ class _Pass:
 
     def convert_children(self, module: nn.Module, path: str) -> None:
         for name, child in list(module.named_children()):
-            new = self.run(child, _join(path, name))
+            new = self.run(child, join(path, name))
             if new is not child:
                 setattr(module, name, new)
 
@@ -301,23 +239,23 @@ class _Pass:
         self.report.fallbacks.append({
             "name": path or "<root>", "reason": reason, "location": location,
             "limits": "its own F.linear/conv calls run as cosine at run time"
-            + ("" if _own_forward(module) else " without gain")
+            + ("" if own_forward(module) else " without gain")
             + "; its functional normalizers are kept; nothing folded",
         })  # fmt: skip
         # Calls on the weights of layers left as dot products stay plain under the fallback's CosineCalls.
         module._cosine_plain = tuple(
-            _join(owner, pname)
+            join(owner, pname)
             for owner, m in module.named_modules()
             for pname, _ in m.named_parameters(recurse=False)
-            if isinstance(m, tuple(UNCONVERTIBLE)) or not self.selected(_join(path, owner), m)
+            if isinstance(m, tuple(UNCONVERTIBLE)) or not self.selected(join(path, owner), m)
         )
         self._in_fallback += 1
         try:
             self.convert_children(module, path)
         finally:
             self._in_fallback -= 1
-        if _own_forward(module):  # a layer: its calls are its own, with its gain
-            units = _out_units(module) if self.gain == "channel" else 1
+        if own_forward(module):  # a layer: its calls are its own, with its gain
+            units = out_units(module) if self.gain == "channel" else 1
             if self.gain != "none" and units:
                 like = module.weight
                 module.register_parameter(
@@ -336,12 +274,12 @@ class _Pass:
         """Convert ``gm``'s layers and calls in place; ``units``: output units of the layer ``gm``
         was traced from, if it is one (the gain of its functional calls)."""
         for name, m in list(gm.named_modules()):
-            if name and _is_leaf(m) and not _is_norm(m) and not _inside_leaf(gm, name):
-                new = self.run(m, _join(prefix, name))
+            if name and is_leaf(m) and not is_norm(m) and not _inside_leaf(gm, name):
+                new = self.run(m, join(prefix, name))
                 if new is not m:
                     gm.set_submodule(name, new)
         for node in list(gm.graph.nodes):
-            if node.op == "call_module" and _is_norm(gm.get_submodule(node.target)):
+            if node.op == "call_module" and is_norm(gm.get_submodule(node.target)):
                 self.strip_node(gm, node, prefix)
             elif node.op == "call_function" and node.target in TWINS:
                 self.rewrite_functional(gm, node, prefix, units)
@@ -356,7 +294,7 @@ class _Pass:
         gm.recompile()
 
     def rewrite_functional(self, gm: fx.GraphModule, node: fx.Node, prefix: str, units: int | None) -> None:
-        name = _join(prefix, _node_path(node))
+        name = join(prefix, node_path(node))
         source = getattr(node.target, "__name__", str(node.target))
         if units is None and not self.selected(name, None):  # a layer's own calls: the layer was selected
             self._skip(name, source, "excluded by include/exclude")
@@ -379,14 +317,14 @@ class _Pass:
         """The gain for a functional call: its weight's owner's, where the weight is a cosine layer's,
         else a new parameter on ``gm``, one per output unit (of the weight, or of the layer ``gm``
         was traced from) with ``gain="channel"``."""
-        owner_path, attr, owner = _owner(gm, weight)
+        owner_path, attr, owner = attr_owner(gm, weight)
         with gm.graph.inserting_before(node):
             if isinstance(owner, _CosineMixin) and attr == "weight" and not addmm:
-                return None if owner.gain is None else gm.graph.get_attr(_join(owner_path, "gain"))
+                return None if owner.gain is None else gm.graph.get_attr(join(owner_path, "gain"))
             count = 1
             if self.gain == "channel":
-                if _is_get_attr(weight):
-                    count = _fetch(gm, weight.target).shape[1 if addmm else 0]
+                if is_get_attr(weight):
+                    count = fetch(gm, weight.target).shape[1 if addmm else 0]
                 elif units:
                     count = units
             like = next(gm.parameters(), torch.empty(0))
@@ -399,11 +337,11 @@ class _Pass:
         """Run an opaque function under CosineCalls, handing it the gains of the cosine weights it gets."""
         pairs = []
         for arg in node.all_input_nodes:
-            owner_path, attr, owner = _owner(gm, arg)
+            owner_path, attr, owner = attr_owner(gm, arg)
             if attr == "weight" and isinstance(owner, _CosineMixin) and owner.gain is not None:
                 with gm.graph.inserting_before(node):
-                    pairs.append((arg, gm.graph.get_attr(_join(owner_path, "gain"))))
-        name = _join(prefix, _node_path(node))
+                    pairs.append((arg, gm.graph.get_attr(join(owner_path, "gain"))))
+        name = join(prefix, node_path(node))
         self.report.converted.append({
             "name": name, "kind": "run-time", "source": node.target.__name__,
             "target": "CosineCalls (its F.linear/conv calls, if any)",
@@ -423,10 +361,10 @@ class _Pass:
         return nn.Identity()
 
     def strip_node(self, gm: fx.GraphModule, node: fx.Node, prefix: str) -> None:
-        if not self.strip or _from_constants(node.args[0]):  # a weight's normalizer is its transform
+        if not self.strip or from_constants(node.args[0]):  # a weight's normalizer is its transform
             return
         norm = gm.get_submodule(node.target)
-        name = _join(prefix, node.target)
+        name = join(prefix, node.target)
         source = node.args[0]
         layer = gm.get_submodule(source.target) if source.op == "call_module" else None
         if isinstance(layer, _CosineMixin) and len(source.users) == 1:  # calibration's target: layer's bias, then norm
@@ -437,7 +375,7 @@ class _Pass:
             reason = _cannot_fold(layer, norm, source)
             if reason is None:
                 _fold(layer, norm)
-                self._stripped(name, norm, f"folded into {_join(prefix, source.target)}")
+                self._stripped(name, norm, f"folded into {join(prefix, source.target)}")
             else:
                 gm.set_submodule(node.target, Affine(weight, getattr(norm, "bias", None), _norm_channel_dim(norm)))
                 self._stripped(name, norm, f"kept as affine ({reason})")
@@ -448,7 +386,7 @@ class _Pass:
         gm.graph.erase_node(node)
 
     def strip_function(self, gm: fx.GraphModule, node: fx.Node, prefix: str) -> None:
-        if not self.strip or _from_constants(node.args[0]):  # a weight's normalizer is its transform
+        if not self.strip or from_constants(node.args[0]):  # a weight's normalizer is its transform
             return
         w_at, b_at, channel_dim = NORM_FUNCTIONS[node.target]
 
@@ -458,7 +396,7 @@ class _Pass:
             return node.args[index] if len(node.args) > index else node.kwargs.get(key)
 
         weight, bias = arg(w_at, "weight"), arg(b_at, "bias")
-        name = _join(prefix, _node_path(node))
+        name = join(prefix, node_path(node))
         outputs = [node]
         if node.target in _TUPLE_NORMS:  # only its output (item 0) may be used, not its statistics
             outputs = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
@@ -468,10 +406,10 @@ class _Pass:
         if fold:
             with gm.graph.inserting_before(node):
                 value = gm.graph.call_function(affine, (node.args[0], weight, bias, channel_dim))
-            self._stripped(name, _function_name(node.target), "kept as affine (functional)")
+            self._stripped(name, function_name(node.target), "kept as affine (functional)")
         else:
             value = node.args[0]
-            self._stripped(name, _function_name(node.target), "dropped")
+            self._stripped(name, function_name(node.target), "dropped")
         for out in outputs:
             out.replace_all_uses_with(value)
             if out is not node:
@@ -512,39 +450,11 @@ def _fold(layer: _CosineMixin, norm: nn.Module) -> None:
         layer.bias = nn.Parameter(shifted.to(layer.weight.dtype))
 
 
-def _is_get_attr(node) -> bool:
-    return isinstance(node, fx.Node) and node.op == "get_attr"
-
-
-def _from_constants(node) -> bool:
-    """True if ``node``'s value derives from parameters and constants alone, not from the inputs:
-    a normalizer over it (StdConv's ``batch_norm`` over its weight) transforms a weight."""
-    seen, todo = set(), [node]
-    while todo:
-        n = todo.pop()
-        if not isinstance(n, fx.Node) or n in seen:
-            continue
-        seen.add(n)
-        if n.op == "placeholder":
-            return False
-        todo.extend(n.all_input_nodes)
-    return True
-
-
 def _weight_operand(gm: fx.GraphModule, args) -> bool:
     """True if ``args`` is one ``get_attr`` of a parameter (a view of one counts): addmm's matrix."""
-    if not args or not _is_get_attr(args[0]):
+    if not args or not is_get_attr(args[0]):
         return False
-    return is_weight(_fetch(gm, args[0].target))
-
-
-def _function_name(target) -> str:
-    return getattr(target, "__name__", str(target))
-
-
-def _out_units(module: nn.Module) -> int | None:
-    """Output units of a linear/conv layer, else None."""
-    return getattr(module, "out_features", None) or getattr(module, "out_channels", None)
+    return is_weight(fetch(gm, args[0].target))
 
 
 def _reason(err: BaseException) -> str:
@@ -561,58 +471,10 @@ def _forward_location(module: nn.Module) -> str:
         return forward.__qualname__
 
 
-def _graft(module: nn.Module, gm: fx.GraphModule) -> nn.Module:
-    """``module`` running ``gm``'s code as its forward, with ``gm``'s converted submodules and new
-    attributes (gains) set in it: its class, attributes and methods stay, so a parent run by
-    fallback still finds them (``self.attn.resolution``)."""
-    for name, sub in gm.named_modules():
-        if name and module.get_submodule(name) is not sub:
-            module.set_submodule(name, sub)
-    for node in gm.graph.nodes:
-        if node.op != "get_attr":
-            continue
-        owner_path, _, attr = node.target.rpartition(".")
-        value, owner = _fetch(gm, node.target), module.get_submodule(owner_path)
-        if getattr(owner, attr, None) is value:
-            continue
-        if isinstance(value, nn.Parameter):
-            owner.register_parameter(attr, value)
-        elif attr in gm.get_submodule(owner_path)._buffers:
-            owner.register_buffer(attr, value)
-        else:
-            setattr(owner, attr, value)
-    cls = type(module)
-    module.__class__ = type(cls.__name__, (cls,), {
-        "forward": type(gm).forward, "__module__": cls.__module__, "_cosine_graph": True,
-    })  # fmt: skip
-    return module
-
-
-def _owner(gm: fx.GraphModule, node) -> tuple[str, str, nn.Module | None]:
-    """For a ``get_attr`` node of ``a.b.weight``: ("a.b", "weight", the module a.b); else ("", "", None)."""
-    if not _is_get_attr(node):
-        return "", "", None
-    owner_path, _, attr = node.target.rpartition(".")
-    return owner_path, attr, gm.get_submodule(owner_path)
-
-
-def _fetch(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    """The tensor a ``get_attr`` target names (``"a.b.weight"``)."""
-    owner, _, attr = target.rpartition(".")
-    return getattr(gm.get_submodule(owner), attr)
-
-
-def _node_path(node: fx.Node) -> str:
-    """``module.path.node_name``: where in the model a functional call sits."""
-    stack = node.meta.get("nn_module_stack") or {}
-    module_path = next(reversed(stack.values()))[0] if stack else ""
-    return _join(module_path, node.name)
-
-
 def _inside_leaf(gm: nn.Module, name: str) -> bool:
     """True for a module nested in a leaf layer (an attention's out_proj): its parent converts it."""
     parts = name.split(".")
-    return any(_is_leaf(gm.get_submodule(".".join(parts[:i]))) for i in range(1, len(parts)))
+    return any(is_leaf(gm.get_submodule(".".join(parts[:i]))) for i in range(1, len(parts)))
 
 
 def _is_opaque(target) -> bool:
@@ -675,7 +537,7 @@ def convert(
     if calibration_data is not None and iter(calibration_data) is calibration_data:
         calibration_data = list(calibration_data)  # a one-pass iterator: its first batch is read twice
     work = copy.deepcopy(model)
-    watched = [m for m in work.modules() if not _is_leaf(m) or _own_forward(m)]
+    watched = [m for m in work.modules() if not is_leaf(m) or own_forward(m)]
     batch = example_batch(example_inputs, calibration_data)
     capture = Capture(work, batch, watched)
     passes = _Pass(report, capture, centered, strip_norms, include, exclude, gain, eps)

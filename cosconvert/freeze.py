@@ -15,8 +15,8 @@ import torch.fx as fx
 from torch import nn
 
 from cosconvert import functional as CF
-from cosconvert.convert import _fetch, _from_constants, _graft, _Tracer
 from cosconvert.nn import _CosineMixin
+from cosconvert.trace import Tracer, fetch, from_constants, graft
 
 __all__ = ["freeze"]
 
@@ -46,13 +46,13 @@ def _prenormalize_grafted(module: nn.Module) -> None:
     """A submodule running a converted graph as its forward (a ``StdConv2d`` keeps its class): its
     graph traced again, prenormalized, and grafted back, so its weight transform runs here once,
     not in the exported graph."""
-    tracer = _Tracer(autowrap_functions=tuple(f for f in vars(CF).values() if getattr(f, "__module__", "") == CF.__name__))
+    tracer = Tracer(autowrap_functions=tuple(f for f in vars(CF).values() if getattr(f, "__module__", "") == CF.__name__))
     try:
         gm = fx.GraphModule(module, tracer.trace(module), type(module).__name__)
     except Exception:  # noqa: BLE001 - untraceable: it keeps normalizing its weight on each call, still right
         return
     if _prenormalize_calls(gm):
-        _graft(module, gm)
+        graft(module, gm)
 
 
 @torch.no_grad()
@@ -64,11 +64,11 @@ def _prenormalize_calls(gm: fx.GraphModule) -> int:
     done = 0
     for i, node in enumerate(list(gm.graph.nodes)):
         weight = node.args[1] if node.op == "call_function" and node.target in _PRENORMALIZED else None
-        if not (isinstance(weight, fx.Node) and _from_constants(weight)):
+        if not (isinstance(weight, fx.Node) and from_constants(weight)):
             continue
         kwargs = dict(node.kwargs)
         gain = kwargs.pop("gain", None)
-        if gain is not None and not (isinstance(gain, fx.Node) and _from_constants(gain)):
+        if gain is not None and not (isinstance(gain, fx.Node) and from_constants(gain)):
             continue
         w_hat = CF.normalize_weight(
             _evaluate(gm, weight, values), centered=kwargs.get("centered", False), eps=kwargs.get("eps", 1e-6),
@@ -90,7 +90,7 @@ def _evaluate(gm: fx.GraphModule, node: fx.Node, values: dict[fx.Node, object]) 
     if node not in values:
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: _evaluate(gm, n, values))
         if node.op == "get_attr":
-            values[node] = _fetch(gm, node.target)
+            values[node] = fetch(gm, node.target)
         elif node.op == "call_function":
             values[node] = node.target(*args, **kwargs)
         elif node.op == "call_method":

@@ -33,8 +33,9 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from cosconvert.calibration import _PLAIN, _Fit, batch_inputs
-from cosconvert.convert import LAYERS, LEAVES, _trace
 from cosconvert.data import load_data
+from cosconvert.layers import LAYERS, LEAVES
+from cosconvert.trace import trace
 
 __all__ = ["reconstruct", "find_blocks"]
 
@@ -229,7 +230,7 @@ def _traced(module: nn.Module) -> fx.GraphModule:
     mode = module.training
     module.eval()
     try:
-        return _trace(module)
+        return trace(module)
     finally:
         module.train(mode)
 
