@@ -303,25 +303,25 @@ STEM_PAD_POOL = (
     "onnxruntime's PadFusion folds the stem's ConstantPad2d(0) into MaxPool, whose padding is -inf, so windows at "
     "the border of a negative (cosine) map differ: rel 5e-2 (#10); exact with ORT_DISABLE_ALL and in torch"
 )
-GPT2_VALIDATE = "exports with a dynamic sequence now, but the test's validate/reference check still fails (#10)"
 # Conv2dSame, StdConv, a ViT, GPT-2 (Conv1D), BERT with dynamic batch and sequence length.
 # (family, model, why it is known to fail, or None): a known failure is a strict xfail, so a fix shows up.
 ONNX_CASES = [
     ("timm", "tf_efficientnet_b0", None),
     ("timm", "resnetv2_50x1_bit", STEM_PAD_POOL),
     ("timm", "vit_tiny_patch16_224", None),
-    ("transformers", "GPT2Model", GPT2_VALIDATE),
+    ("transformers", "GPT2Model", None),
     ("transformers", "BertModel", None),
 ]
-# text models: the forward's positional inputs to export
-ONNX_INPUTS = {"GPT2Model": ("input_ids",), "BertModel": ("input_ids", "attention_mask")}
+# text models: the inputs to export, by name (GPT-2's mask is not its second positional parameter)
+ONNX_INPUTS = {"GPT2Model": ("input_ids", "attention_mask"), "BertModel": ("input_ids", "attention_mask")}
 
 
-def positional(name: str, args: tuple, kwargs: dict) -> tuple:
-    """One input set as the positional tensors the export takes: the model's own order for text."""
+def export_inputs(name: str, args: tuple, kwargs: dict) -> tuple | dict:
+    """One input set as the export takes it: the positional images, or the text inputs by name,
+    with an all-ones mask where the set has none (the same computation)."""
     if name not in ONNX_INPUTS:
         return args
-    return tuple(kwargs.get(k, torch.ones_like(kwargs["input_ids"])) for k in ONNX_INPUTS[name])
+    return {k: kwargs.get(k, torch.ones_like(kwargs["input_ids"])) for k in ONNX_INPUTS[name]}
 
 
 @pytest.mark.slow
@@ -341,7 +341,7 @@ def test_onnx_export_validates(family, name, tmp_path):
         model, input_sets = case(family, name)
         if family == "timm":  # one image size (ViT's export fixes it), two batch sizes
             input_sets = [((torch.randn(b, *input_sets[0][0][0].shape[1:]),), {}) for b in (2, 3)]
-        batches = [positional(name, args, kwargs) for args, kwargs in input_sets]
+        batches = [export_inputs(name, args, kwargs) for args, kwargs in input_sets]
         if name == "GPT2Model":
             model.config.use_cache = False  # a cache object is no ONNX output: export features, as users do
         converted = cosconvert.convert(model, gain="none").eval()
@@ -351,7 +351,8 @@ def test_onnx_export_validates(family, name, tmp_path):
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         names = [i.name for i in session.get_inputs()]
         for (args, kwargs), batch in zip(input_sets, batches):
-            (out, *_) = session.run(None, {n: t.numpy() for n, t in zip(names, batch)})
+            feed = batch if isinstance(batch, dict) else dict(zip(names, batch))
+            (out, *_) = session.run(None, {n: t.numpy() for n, t in feed.items()})
             ref = leaves(reference_outputs(model, *args, **kwargs)[0])[0]
             row["rel"] = max(row.get("rel", 0.0), rel_error(torch.from_numpy(out), ref))
         assert row["rel"] < REL_TOL, f"onnxruntime against the reference: rel error {row['rel']:.2e}"

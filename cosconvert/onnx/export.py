@@ -191,10 +191,16 @@ def _cause(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
-def _fixed_axes(proto: onnx.ModelProto, dynamic_shapes: Sequence[Mapping[int, object]]) -> list[str]:
-    """Graph inputs whose axes asked to be dynamic came out as fixed numbers, not symbols."""
+def _fixed_axes(
+    proto: onnx.ModelProto, dynamic_shapes: Sequence[Mapping[int, object]], names: list[str] | None
+) -> list[str]:
+    """Graph inputs whose axes asked to be dynamic came out as fixed numbers, not symbols
+    (inputs given by name are matched by name, positional ones by position)."""
     initializers = {i.name for i in proto.graph.initializer}
     values = [v for v in proto.graph.input if v.name not in initializers]
+    if names:
+        by_name = {v.name: v for v in values}
+        values = [by_name.get(n, onnx.ValueInfoProto()) for n in names]
     fixed = []
     for value, axes in zip(values, dynamic_shapes):
         dims = value.type.tensor_type.shape.dim
@@ -232,9 +238,9 @@ def _batch_of_two(inputs: tuple) -> tuple:
 
 
 @torch.no_grad()
-def _check_runs(model: nn.Module, inputs: tuple) -> None:
+def _check_runs(model: nn.Module, inputs: tuple, names: list[str] | None) -> None:
     try:
-        model(*inputs)
+        model(**dict(zip(names, inputs))) if names else model(*inputs)
     except Exception as err:  # noqa: BLE001 - any failure here means the batch is fixed
         batch = inputs[0].shape[0]
         raise ExportError(
@@ -264,11 +270,11 @@ def _set_metadata(proto: onnx.ModelProto, model: nn.Module, fp16: bool, inline: 
 
 def export_onnx(
     model: nn.Module,
-    example_inputs: Sequence[torch.Tensor] | torch.Tensor,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor | Mapping[str, torch.Tensor],
     path: str | os.PathLike,
     *,
     dynamic_batch: bool = True,
-    dynamic_shapes: Sequence[Mapping[int, object]] | None = None,
+    dynamic_shapes: Sequence[Mapping[int, object]] | Mapping[str, Mapping[int, object]] | None = None,
     opset: int | None = None,
     fp16: bool = False,
     inline: bool = False,
@@ -284,10 +290,14 @@ def export_onnx(
     folded to plain nodes (slower to export: about 7 s more for vit_b_16). ``fp16`` exports
     in float16 (norms are still taken in float32 inside the ops).
 
+    ``example_inputs``: a tensor, a tuple of positional tensors, or a dict of keyword tensors (the
+    file's inputs then take those names: ``{"input_ids": ..., "attention_mask": ...}`` for a text
+    model whose mask is not its second positional parameter, as in GPT-2).
+
     The batch axis (dim 0 of every input) is dynamic unless ``dynamic_batch=False``:
     an example batch of 1 is traced as 2. So is the sequence axis (dim 1) of every 2-dim integer
     or bool input (token ids, attention masks; trace with 2+ tokens). ``dynamic_shapes`` (one
-    ``{axis: torch.export.Dim}`` per input) replaces both defaults. Where the model fixes an axis
+    ``{axis: torch.export.Dim}`` per input, or per name for a dict) replaces both defaults. Where the model fixes an axis
     asked to be dynamic, an :class:`ExportError` says so and nothing is written. ``metadata_props`` carry the cosconvert
     version, the conversion and export settings, and ``metadata``'s entries. The exporter's
     logs, warnings and progress lines are shown only with ``verbose=True``; its failures become
@@ -295,7 +305,11 @@ def export_onnx(
     written atomically; past 2 GB the weights go to ``<name>.data`` beside it.
     """
     path = Path(path)
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    names = list(example_inputs) if isinstance(example_inputs, Mapping) else None
+    if names:
+        inputs = tuple(example_inputs.values())
+    else:
+        inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     frozen = freeze(model)
     if fp16:
         frozen = frozen.half()
@@ -304,16 +318,19 @@ def export_onnx(
         inputs = _batch_of_two(inputs)
     if dynamic_shapes is None:
         dynamic_shapes = _default_dynamic_shapes(inputs, dynamic_batch)
+    if isinstance(dynamic_shapes, Mapping):
+        dynamic_shapes = [dynamic_shapes.get(n) for n in names or ()]
     dynamic_shapes = tuple(dict(axes or {}) for axes in dynamic_shapes)
     quiet = contextlib.nullcontext if verbose else _silenced
     with quiet():  # fx prints a failing GraphModule's code to stderr
         if dynamic_batch:
-            _check_runs(frozen, inputs)
+            _check_runs(frozen, inputs, names)
     try:
         with quiet():
             program = torch.onnx.export(
-                frozen, inputs, dynamo=True, custom_translation_table=TRANSLATIONS, dynamic_shapes=dynamic_shapes,
-                opset_version=opset, optimize=True, verbose=verbose, report=False,
+                frozen, () if names else inputs, kwargs=dict(zip(names, inputs)) if names else None, dynamo=True,
+                custom_translation_table=TRANSLATIONS, opset_version=opset, optimize=True, verbose=verbose,
+                dynamic_shapes=dict(zip(names, dynamic_shapes)) if names else dynamic_shapes, report=False,
             )  # fmt: skip
     except Exception as err:  # noqa: BLE001 - the exporter raises many types, each with pages of context
         cause = _cause(err)
@@ -334,7 +351,7 @@ def export_onnx(
     _add_functions(proto)
     if inline:
         proto = _inline(proto)
-    if fixed := _fixed_axes(proto, dynamic_shapes):
+    if fixed := _fixed_axes(proto, dynamic_shapes, names):
         raise ExportError(
             f"the model fixes axes asked to be dynamic ({', '.join(fixed)}); export with those axes fixed "
             "(--static-batch, or dynamic_batch=False, or dynamic_shapes without them) at the sizes you will run"

@@ -215,7 +215,8 @@ def validate(
     """Run ``onnx_path`` on each provider and ``torch_model`` (the converted model) on the same
     inputs, and compare; with ``original``, also measure the converted model's fidelity to it.
 
-    ``inputs``: a list of batches, each a tensor or a tuple of tensors; by default random
+    ``inputs``: a list of batches, each a tensor, a tuple of tensors or a dict of tensors named as
+    the file's inputs (passed to the models by keyword: a file exported from a dict); by default random
     inputs of the file's input shapes at batch sizes 1 and 3 (``inputs_name`` says in the
     report what they are). A file with a fixed batch is fed that batch size. Prints nothing.
     """
@@ -224,23 +225,24 @@ def validate(
     elem = proto.graph.input[0].type.tensor_type.elem_type
     dtype = "float16" if elem == onnx.TensorProto.FLOAT16 else "float32"
     tol = {**TOLERANCES[dtype], **({} if rtol is None else {"rtol": rtol}), **({} if atol is None else {"atol": atol})}
+    names = None
     if inputs is None:
         batches = _random_inputs(proto, [1, 3])
     else:
-        batches = [[t.detach().cpu().numpy() for t in (b if isinstance(b, (tuple, list)) else (b,))] for b in inputs]
+        names, batches = _arrays(inputs, _input_names(proto))
         inputs_name = inputs_name or "the inputs given"
     types = _input_types(proto)  # a float16 file takes float16 inputs
     batches = [[a.astype(t) if a.dtype.kind == "f" else a for a, t in zip(arrays, types)] for arrays in batches]
     if (fixed := _fixed_batch(proto)) and any(b[0].shape[0] != fixed for b in batches):
         batches = _to_batch(batches, fixed)
-    expected = [_torch_outputs(torch_model.eval(), arrays) for arrays in batches]
-    spread = _spread(torch_model, batches, expected)
+    expected = [_torch_outputs(torch_model.eval(), arrays, names) for arrays in batches]
+    spread = _spread(torch_model, batches, expected, names)
     parity = {**tol, "rtol": max(tol["rtol"], SPREAD_FACTOR * spread)} if spread is not None else dict(tol)
     report = ValidationReport(path, dtype, tol, [b[0].shape[0] for b in batches], inputs_name or "random inputs",
                               spread=spread, parity_tolerance=parity)  # fmt: skip
     report.inconclusive = _degenerate("the converted model", batches, expected)
     if original is not None:
-        from_original = [_torch_outputs(original.eval(), arrays) for arrays in batches]
+        from_original = [_torch_outputs(original.eval(), arrays, names) for arrays in batches]
         report.inconclusive += _degenerate("the original", batches, from_original)
         report.fidelity = _fidelity(expected, from_original)
     for provider in available_providers(providers):
@@ -248,22 +250,46 @@ def validate(
     return report
 
 
+def _input_names(proto: onnx.ModelProto) -> list[str]:
+    initializers = {i.name for i in proto.graph.initializer}
+    return [v.name for v in proto.graph.input if v.name not in initializers]
+
+
+def _arrays(inputs: list, file_names: list[str] | None = None) -> tuple[list[str] | None, list[list[np.ndarray]]]:
+    """(keyword names or None, numpy arrays per batch, in the file's input order) of a list of batches,
+    each a tensor, a tuple of positional tensors or a dict of keyword tensors named as the file's inputs."""
+    names = list(inputs[0]) if isinstance(inputs[0], dict) else None
+    if names is not None and file_names is None:
+        file_names = names
+    if names is not None and sorted(names) != sorted(file_names):
+        raise ValueError(
+            f"the inputs are named {', '.join(names)} but the file takes {', '.join(file_names)}: "
+            "give one tensor per input of the file, named as the file names it"
+        )
+    names = file_names if names is not None else None
+    batches = [
+        [b[n] for n in names] if names else list(b if isinstance(b, (tuple, list)) else (b,)) for b in inputs
+    ]
+    return names, [[t.detach().cpu().numpy() for t in batch] for batch in batches]
+
+
 @torch.no_grad()
-def _torch_outputs(model: nn.Module, arrays: list[np.ndarray]) -> list[np.ndarray]:
-    """The model's outputs (float64 numpy) on numpy inputs, float inputs cast to the model's own device and dtype."""
+def _torch_outputs(model: nn.Module, arrays: list[np.ndarray], names: list[str] | None = None) -> list[np.ndarray]:
+    """The model's outputs (float64 numpy) on numpy inputs, float inputs cast to the model's own device and
+    dtype; passed by keyword when ``names`` are given, else by position."""
     param = next(model.parameters(), torch.empty(0))
     inputs = [torch.from_numpy(a).to(param.device, param.dtype if a.dtype.kind == "f" else None) for a in arrays]
-    leaves = torch.utils._pytree.tree_leaves(model(*inputs))
+    leaves = torch.utils._pytree.tree_leaves(model(**dict(zip(names, inputs))) if names else model(*inputs))
     return [t.double().cpu().numpy() for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
-def _spread(model: nn.Module, batches, expected) -> float | None:
+def _spread(model: nn.Module, batches, expected, names=None) -> float | None:
     """The largest relative difference between ``model`` in its own precision and a float64 copy of it."""
     try:
         double = copy.deepcopy(model).double()
         worst = 0.0
         for arrays, refs in zip(batches, expected):
-            for ref, exact in zip(refs, _torch_outputs(double, arrays)):
+            for ref, exact in zip(refs, _torch_outputs(double, arrays, names)):
                 scale = float(np.abs(exact).max()) or 1.0
                 worst = max(worst, float(np.abs(ref - exact).max()) / scale)
         return worst if np.isfinite(worst) else None
@@ -307,13 +333,13 @@ def _same_for_different_inputs(batches, outputs) -> bool:
 
 
 def fidelity(converted: nn.Module, original: nn.Module, inputs: list) -> dict:
-    """How close ``converted`` is to ``original`` on ``inputs`` (a list of batches, each a tensor or a
-    tuple of tensors): ``cosine`` (of each sample's outputs, averaged), ``top1_agreement`` (%, for
+    """How close ``converted`` is to ``original`` on ``inputs`` (a list of batches, each a tensor, a
+    tuple of tensors or a dict of keyword tensors): ``cosine`` (of each sample's outputs, averaged), ``top1_agreement`` (%, for
     class scores, else None), ``max_rel_error``, and ``inconclusive``: why the outputs cannot tell
     (constant, zero, non-finite, the same for different inputs), empty when they can."""
-    batches = [[t.detach().cpu().numpy() for t in (b if isinstance(b, (tuple, list)) else (b,))] for b in inputs]
-    ours = [_torch_outputs(converted.eval(), arrays) for arrays in batches]
-    theirs = [_torch_outputs(original.eval(), arrays) for arrays in batches]
+    names, batches = _arrays(inputs)
+    ours = [_torch_outputs(converted.eval(), arrays, names) for arrays in batches]
+    theirs = [_torch_outputs(original.eval(), arrays, names) for arrays in batches]
     reasons = _degenerate("the converted model", batches, ours) + _degenerate("the original", batches, theirs)
     return {**_fidelity(ours, theirs), "inconclusive": reasons}
 
