@@ -23,6 +23,7 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx.inliner
 import onnxscript.optimizer
@@ -97,6 +98,36 @@ def _inline(proto: onnx.ModelProto) -> onnx.ModelProto:
     del proto.opset_import[:]
     proto.opset_import.extend(kept)
     return onnxscript.rewriter.rewrite(onnxscript.optimizer.optimize(proto))
+
+
+def _keep_zero_pads(proto: onnx.ModelProto) -> None:
+    """Make each zero ``Pad`` feeding a ``MaxPool`` (directly or through a ``Cast``) pad with -0.0.
+
+    onnxruntime's PadFusion (1.31.1) folds a ``Pad`` whose constant is all zero bytes into a
+    following MaxPool's ``pads``, though a MaxPool pads with -inf: windows at the border of a map with
+    negative values change (rel 5e-2 on resnetv2's stem, converted or not). -0.0 equals 0, so every
+    output is the same, but its bytes are not zero, so PadFusion leaves the Pad alone. (It fuses a zero
+    Pad into an AveragePool exactly.)"""
+    graph = proto.graph
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    initializers = {i.name: i for i in graph.initializer}
+    for k, pad in enumerate(n for n in graph.node if n.op_type == "Pad" and n.domain in ("", "ai.onnx")):
+        mode = next((a.s for a in pad.attribute if a.name == "mode"), b"constant")
+        value = initializers.get(pad.input[2]) if len(pad.input) > 2 and pad.input[2] else None
+        child = consumers.get(pad.output[0], [])
+        if len(child) == 1 and child[0].op_type == "Cast":
+            child = consumers.get(child[0].output[0], [])
+        if mode != b"constant" or value is None or len(child) != 1 or child[0].op_type != "MaxPool":
+            continue
+        zero = onnx.numpy_helper.to_array(value)
+        if zero.dtype.kind != "f" or zero.any():
+            continue
+        negative = onnx.numpy_helper.from_array(np.full_like(zero, -0.0), f"{pad.name or 'pad'}_{k}_negative_zero")
+        graph.initializer.append(negative)
+        pad.input[2] = negative.name
 
 
 def _all_nodes(graph: onnx.GraphProto):
@@ -351,6 +382,7 @@ def export_onnx(
     _add_functions(proto)
     if inline:
         proto = _inline(proto)
+    _keep_zero_pads(proto)
     if fixed := _fixed_axes(proto, dynamic_shapes, names):
         raise ExportError(
             f"the model fixes axes asked to be dynamic ({', '.join(fixed)}); export with those axes fixed "
