@@ -15,8 +15,12 @@ in three forms: cosine with a learned scalar gain, cosine without gain, and a pl
 head. Plain SGD (no momentum), batch 64; every method has its own learning rate, two ways:
 
 1. the paper's rate: 0.1 base, 10 cosine, 5 batch and weight norm (layer norm: its sweep's);
-2. best of a sweep of 5 rates over two decades around it, chosen on a validation split
-   (every 5th training sample) with one seed.
+2. best of a sweep, chosen on a validation split (every 5th training sample) with one seed.
+   The sweep starts with 5 rates over two decades centred on the paper's rate (layer norm:
+   on 5, like batch norm), in half-decade steps. The same rule then grows every method's grid
+   on every dataset: one half-decade step beyond an end while the best rate is at that end,
+   and one below while no rate trains (validation error under 3/4 of chance), up to 1000x
+   either side of the center. The best rate thus lies inside its grid where it can.
 
 Each chosen setting is then trained on the full training split with ``--seeds`` seeds and
 scored on the test split. A diagnosis trains plain cosine on digits at the paper's rate
@@ -52,7 +56,9 @@ COSINES = ("cosine", "centered cosine")
 HEADS = ["gain", "no-gain", "linear"]  # the cosine networks' output layer
 PAPER_LR = {"base": 0.1, "batch norm": 5.0, "weight norm": 5.0, "cosine": 10.0, "centered cosine": 10.0}
 SWEEP_CENTER = {**PAPER_LR, "layer norm": 5.0}  # layer norm: no rate in the paper, swept like batch norm
-SWEEP = [0.1, 0.316, 1.0, 3.16, 10.0]  # times the center: 5 rates over two decades
+SWEEP_START = range(-2, 3)  # half-decade steps from the center: 5 rates over two decades
+SWEEP_LIMIT = 6  # the grid grows to at most 10^3 times the center either way
+TRAINS = 0.75  # a rate trains if its validation error is below this fraction of chance
 COMBOS = [("digits", "MLP"), ("digits", "CNN"), ("mnist", "MLP"), ("mnist", "CNN"), ("reviews", "MLP")]
 EPOCHS = {"digits": 20, "mnist": 6, "reviews": 4}
 BATCH = 64
@@ -65,6 +71,29 @@ def variants() -> list[tuple[str, str]]:
 
 def label(method: str, head: str) -> str:
     return f"{method} / {head} head" if method in COSINES else method
+
+
+def factor(step: int) -> float:
+    """The sweep's rate ``step`` half-decades from the center, as a multiple of it (3 digits)."""
+    return float(f"{10 ** (step / 2):.3g}")
+
+
+def step_of(run: dict) -> int:
+    return round(2 * math.log10(run["lr"] / SWEEP_CENTER[run["method"]]))
+
+
+def next_step(errors: dict[int, float], chance: float) -> int | None:
+    """Where a sweep goes next, from its validation error (%) per step: one step below the grid
+    while no rate trains or the best (ties: nearest the center) is its lowest, one above while the
+    best is its highest; None once the best is inside the grid, or past the limit."""
+    best = min(errors, key=lambda k: (errors[k], abs(k)))
+    if min(errors.values()) >= TRAINS * chance or best == min(errors):
+        step = min(errors) - 1
+    elif best == max(errors):
+        step = max(errors) + 1
+    else:
+        return None
+    return step if abs(step) <= SWEEP_LIMIT else None
 
 
 # ---------------------------------------------------------------- data
@@ -86,6 +115,12 @@ def dataset(name: str, validation: bool, small: bool = False) -> tuple[Tensor, T
 @functools.cache
 def _load(name: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return {"digits": _digits, "mnist": _mnist, "reviews": _reviews}[name]()
+
+
+def chance(name: str, small: bool = False) -> float:
+    """Validation error (%) of always answering the most frequent class."""
+    y = dataset(name, True, small)[3]
+    return 100.0 * (1 - torch.bincount(y).max().item() / len(y))
 
 
 def _digits():
@@ -270,24 +305,42 @@ def run_all(jobs: list[dict], workers: int, cache: Path | None = None, cached_on
 
 def study(combos, seeds: int, epochs: dict, workers: int, small: bool, cache=None, cached_only=False) -> dict:
     """Per dataset and network (cheapest first): sweep every variant's rate on the validation
-    split (seed 0), then train the paper's rate and the sweep's best with ``seeds`` seeds on the
-    full training split. Returns all runs and the chosen rates."""
+    split (seed 0), growing each grid until its best rate is inside (``next_step``), then train
+    the paper's rate and the sweep's best with ``seeds`` seeds on the full training split.
+    Returns all runs and the chosen rates."""
     sweep, finals, best = [], [], {}
     cost = {"digits": 1, "mnist": 3, "reviews": 4}
     for d, n in sorted(combos, key=lambda c: cost[c[0]] * (5 if c[1] == "CNN" else 1)):
         print(f"{d} {n}: sweep, then {seeds} seeds", flush=True)
         base = {"data": d, "network": n, "epochs": epochs[d], "small": small}
-        jobs = [{**base, "method": m, "head": h, "lr": SWEEP_CENTER[m] * f, "seed": 0, "validation": True}
-                for m, h in variants() for f in SWEEP]  # fmt: skip
-        sweep += (runs := run_all(jobs, workers, cache, cached_only))
+        sweep += (runs := sweep_rates(base, workers, cache, cached_only))
         for m, h in variants():
             tried = [r for r in runs if (r["method"], r["head"]) == (m, h)]
-            best[d, n, m, h] = min(tried, key=lambda r: (r["error"], abs(math.log(r["lr"] / SWEEP_CENTER[m]))))["lr"]
+            best[d, n, m, h] = min(tried, key=lambda r: (r["error"], abs(step_of(r))))["lr"]
         jobs = [{**base, "method": m, "head": h, "lr": lr, "seed": seed, "validation": False}
                 for seed in range(seeds) for m, h in variants()
                 for lr in sorted({PAPER_LR.get(m, best[d, n, m, h]), best[d, n, m, h]})]  # fmt: skip
         finals += run_all(jobs, workers, cache, cached_only)  # seed by seed: a cut-short run has every variant
     return {"sweep": sweep, "finals": finals, "best": {"/".join(k): v for k, v in best.items()}}
+
+
+def sweep_rates(base: dict, workers: int, cache=None, cached_only=False) -> list[dict]:
+    """Every variant's validation runs (seed 0) for the dataset and network in ``base``: the
+    first five rates, then in rounds, one more for each grid whose best rate is not inside it."""
+
+    def job(m: str, h: str, k: int) -> dict:
+        return {**base, "method": m, "head": h, "lr": SWEEP_CENTER[m] * factor(k), "seed": 0, "validation": True}
+
+    runs = run_all([job(m, h, k) for m, h in variants() for k in SWEEP_START], workers, cache, cached_only)
+    while True:
+        grown = []
+        for m, h in variants():
+            errors = {step_of(r): r["error"] for r in runs if (r["method"], r["head"]) == (m, h)}
+            if (k := next_step(errors, chance(base["data"], base["small"]))) is not None:
+                grown.append(job(m, h, k))
+        if not (more := run_all(grown, workers, cache, cached_only)):
+            return runs  # every best rate is inside its grid (with --cached-only: or the cache holds no more)
+        runs += more
 
 
 def diagnose(epochs: int, seeds: int, workers: int, small: bool, cache=None, cached_only=False) -> list[dict]:
@@ -350,13 +403,20 @@ def report(results: dict, combos: list[tuple[str, str]], command: str) -> list[s
                 cells.append(f"{mean:.2f} ± {sd:.2f} (lr {rate(d, n, m, h, kind):g}{seeds_note})")
             lines.append(f"| {label(m, h)} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["### The sweep: validation error (seed 0) at 0.1, 0.316, 1, 3.16, 10 times the center rate", "",
-              header.replace("method", "method (center)"), rule]  # fmt: skip
-    for m, h in variants():
-        cells = [" / ".join(f"{r['error']:.1f}" for r in sorted(pick(sweep, data=d, network=n, method=m, head=h),
-                                                                key=lambda r: r["lr"])) for d, n in combos]  # fmt: skip
-        lines.append(f"| {label(m, h)} ({SWEEP_CENTER[m]:g}) | " + " | ".join(cells) + " |")
-    lines += ["", "### Verdicts: cosine (head chosen on validation) vs the best of batch, weight and layer norm", ""]
+    lines += ["### The sweep: validation error (seed 0) per rate, in multiples of the method's center rate", "",
+              "Bold: the rate chosen. A blank was not run: a grid grows beyond its first five rates only while its "
+              "best rate is at an end, or while no rate trains.", ""]  # fmt: skip
+    for d, n in combos:
+        steps = sorted({step_of(r) for r in pick(sweep, data=d, network=n)})
+        lines += [f"{d} {n}:", "", "| method (center) | " + " | ".join(f"×{factor(k):g}" for k in steps) + " |",
+                  "|---" * (len(steps) + 1) + "|"]  # fmt: skip
+        for m, h in variants():
+            errors = {step_of(r): r for r in pick(sweep, data=d, network=n, method=m, head=h)}
+            cells = ["" if k not in errors else (f"**{errors[k]['error']:.1f}**" if errors[k]["lr"] == rate(
+                d, n, m, h, "best") else f"{errors[k]['error']:.1f}") for k in steps]  # fmt: skip
+            lines.append(f"| {label(m, h)} ({SWEEP_CENTER[m]:g}) | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["### Verdicts: cosine (head chosen on validation) vs the best of batch, weight and layer norm", ""]
     for kind, title in [("best", "best-of-sweep rates"), ("paper", "the paper's rates")]:
         lines += [f"At {title}:", ""]
         for d, n in combos:

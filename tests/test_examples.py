@@ -66,10 +66,28 @@ def test_paper_comparison_datasets():
     assert len(y_fit) + len(y_val) == len(y) and torch.equal(x_val, x[::5])
 
 
+def test_paper_comparison_sweep_grows():
+    """The rate grid (half-decade steps from the method's center) grows one step past an end that
+    holds the best rate, downwards while no rate trains (error at 3/4 of chance or more), and stops
+    once the best rate is inside it (ties: nearest the center) or the next step passes 1000x."""
+    pc = paper_comparison()
+    assert [pc.factor(k) for k in range(-3, 4)] == [0.0316, 0.1, 0.316, 1, 3.16, 10, 31.6]
+    grid = range(-2, 3)
+    assert pc.next_step(dict(zip(grid, [2.0, 3.0, 4.0, 90.0, 90.0])), chance=90) == -3
+    assert pc.next_step(dict(zip(grid, [9.0, 3.0, 2.0, 1.0, 0.5])), chance=90) == 3
+    assert pc.next_step(dict(zip(grid, [9.0, 3.0, 2.0, 2.5, 4.0])), chance=90) is None
+    assert pc.next_step(dict(zip(grid, [90.0, 90.0, 70.0, 90.0, 90.0])), chance=90) == -3
+    assert pc.next_step(dict(zip(grid, [70.0, 90.0, 60.0, 90.0, 90.0])), chance=90) is None
+    assert pc.next_step(dict.fromkeys(grid, 1.0), chance=90) is None
+    assert pc.next_step({k: 10.0 + k for k in range(-6, 3)}, chance=90) is None
+
+
 @pytest.mark.slow
 def test_paper_comparison_every_method_trains(tmp_path):
     """The script end to end on digits, 1 seed, 4 epochs: every method and head, at its best rate of
-    the sweep, ends far below chance (90% error); the tables and plots land in a new folder."""
+    the sweep, ends far below chance (90% error), and that rate lies inside its grid; the tables and
+    plots land in a new folder."""
+    pc = paper_comparison()
     out = tmp_path / "new" / "folder"
     args = ["--only", "digits/MLP,digits/CNN", "--seeds", "1", "--epochs", "4", "--out", out]
     run(ROOT / "examples" / "paper_comparison.py", *args, cwd=tmp_path)
@@ -80,6 +98,8 @@ def test_paper_comparison_every_method_trains(tmp_path):
     assert len(finals) == 2 * 10
     for key, r in finals.items():
         assert r["error"] < 40, (key, r["lr"], r["errors"])
+        tried = sorted(s["lr"] for s in results["sweep"] if (s["data"], s["network"], s["method"], s["head"]) == key)
+        assert tried[0] < r["lr"] < tried[-1] or abs(pc.step_of(r)) == pc.SWEEP_LIMIT, (key, r["lr"], tried)
     table = (out / "paper_comparison_results.md").read_text()
     assert "| centered cosine / no-gain head |" in table and "- digits CNN, cosine (" in table
     assert all(
