@@ -259,3 +259,23 @@ def test_finetune_distils_non_class_outputs_with_mse(shape):
                    progress=False)  # fmt: skip
     assert gap() < before / 20
     assert log[0]["loss"] > log[-1]["loss"]
+
+
+@pytest.mark.slow
+def test_export_of_a_model_returning_a_cache_names_it_and_says_use_cache_false(tmp_path):
+    """GPT2Model returns a DynamicCache by default (use_cache): the export refuses in one line that names
+    the cache and says what to do."""
+    from transformers import GPT2Config, GPT2Model
+
+    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16, bos_token_id=0, eos_token_id=0)
+    model = GPT2Model(config).eval()
+    ids = torch.randint(0, 50, (2, 5))
+    with torch.no_grad():
+        assert type(model(ids).past_key_values).__name__ == "DynamicCache"  # use_cache defaults to True
+    converted = cosconvert.convert(model, example_inputs={"input_ids": ids})
+    path = tmp_path / "gpt2.onnx"
+    with pytest.raises(cosconvert.onnx.export.ExportError) as err:
+        cosconvert.export_onnx(converted, {"input_ids": ids}, path)
+    message = str(err.value)
+    assert "\n" not in message and "DynamicCache" in message and re.search(r"use_cache\s*=\s*False", message)
+    assert not path.exists()
