@@ -82,11 +82,16 @@ def step_of(run: dict) -> int:
     return round(2 * math.log10(run["lr"] / SWEEP_CENTER[run["method"]]))
 
 
+def best_step(errors: dict[int, float]) -> int:
+    """The step with the lowest validation error; ties go to the one nearest the center, then the lower."""
+    return min(errors, key=lambda k: (errors[k], abs(k), k))
+
+
 def next_step(errors: dict[int, float], chance: float) -> int | None:
     """Where a sweep goes next, from its validation error (%) per step: one step below the grid
-    while no rate trains or the best (ties: nearest the center) is its lowest, one above while the
-    best is its highest; None once the best is inside the grid, or past the limit."""
-    best = min(errors, key=lambda k: (errors[k], abs(k)))
+    while no rate trains or the best is its lowest, one above while the best is its highest;
+    None once the best is inside the grid, or past the limit."""
+    best = best_step(errors)
     if min(errors.values()) >= TRAINS * chance or best == min(errors):
         step = min(errors) - 1
     elif best == max(errors):
@@ -315,8 +320,8 @@ def study(combos, seeds: int, epochs: dict, workers: int, small: bool, cache=Non
         base = {"data": d, "network": n, "epochs": epochs[d], "small": small}
         sweep += (runs := sweep_rates(base, workers, cache, cached_only))
         for m, h in variants():
-            tried = [r for r in runs if (r["method"], r["head"]) == (m, h)]
-            best[d, n, m, h] = min(tried, key=lambda r: (r["error"], abs(step_of(r))))["lr"]
+            tried = {step_of(r): r for r in runs if (r["method"], r["head"]) == (m, h)}
+            best[d, n, m, h] = tried[best_step({k: r["error"] for k, r in tried.items()})]["lr"]
         jobs = [{**base, "method": m, "head": h, "lr": lr, "seed": seed, "validation": False}
                 for seed in range(seeds) for m, h in variants()
                 for lr in sorted({PAPER_LR.get(m, best[d, n, m, h]), best[d, n, m, h]})]  # fmt: skip
@@ -525,7 +530,9 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python examples/paper_comparison.py " + " ".join(
-        f"--{k} {v}" if v is not True else f"--{k}" for k, v in vars(args).items() if v not in (None, False)
+        f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+        for k, v in vars(args).items()
+        if v not in (None, False)
     )
     lines = ["# Paper comparison: the generated tables", "", *report(results, combos, command)]
     cpu = sum(r["cpu_seconds"] for part in ("sweep", "finals", "diagnosis") for r in results[part]) / 60

@@ -79,6 +79,7 @@ def test_paper_comparison_sweep_grows():
     assert pc.next_step(dict(zip(grid, [90.0, 90.0, 70.0, 90.0, 90.0])), chance=90) == -3
     assert pc.next_step(dict(zip(grid, [70.0, 90.0, 60.0, 90.0, 90.0])), chance=90) is None
     assert pc.next_step(dict.fromkeys(grid, 1.0), chance=90) is None
+    assert pc.best_step({-1: 2.0, 0: 3.0, 1: 2.0}) == -1 and pc.best_step({-1: 2.0, 0: 2.0, 1: 2.0}) == 0
     assert pc.next_step({k: 10.0 + k for k in range(-6, 3)}, chance=90) is None
 
 
