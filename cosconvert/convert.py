@@ -143,7 +143,15 @@ class _Walk:
     delegated to the objects it holds, which write to the same report."""
 
     def __init__(
-        self, report: ConversionReport, capture: Capture, centered, strip_norms, include, exclude, gain, eps
+        self,
+        report: ConversionReport,
+        capture: Capture,
+        centered: bool,
+        strip_norms: bool | str,
+        include: Sequence[str | type] | None,
+        exclude: Sequence[str | type] | None,
+        gain: str,
+        eps: float,
     ) -> None:
         self.report, self.capture = report, capture
         self.centered, self.gain, self.eps = centered, gain, eps
