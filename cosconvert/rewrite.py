@@ -67,6 +67,8 @@ class GraphRewriter:
     def rewrite_functional(
         self, gm: fx.GraphModule, node: fx.Node, prefix: str, units: int | None, in_fallback: bool
     ) -> None:
+        """Point a dot-product call at its cosine twin, with its gain; one the user excluded stays a
+        dot product (marked plain inside a fallback)."""
         name = join(prefix, node_path(node))
         source = function_name(node.target)
         if units is None and not self.selected(name, None):  # a layer's own calls: the layer was selected

@@ -98,6 +98,8 @@ class NormStripper:
         return nn.Identity()
 
     def strip_node(self, gm: fx.GraphModule, node: fx.Node, prefix: str) -> None:
+        """A normalizer module called in ``gm``: dropped, or with ``"fold"`` folded into the cosine
+        layer it directly follows, else replaced by an :class:`Affine`."""
         if not self.mode or from_constants(node.args[0]):  # a weight's normalizer is its transform
             return
         norm = gm.get_submodule(node.target)
@@ -123,6 +125,8 @@ class NormStripper:
         gm.graph.erase_node(node)
 
     def strip_function(self, gm: fx.GraphModule, node: fx.Node, prefix: str) -> None:
+        """A functional normalizer call in ``gm`` (a key of :data:`NORM_FUNCTIONS`): dropped, or with
+        ``"fold"`` its scale and shift kept as an :func:`affine` call."""
         if not self.mode or from_constants(node.args[0]):  # a weight's normalizer is its transform
             return
         w_at, b_at, channel_dim = NORM_FUNCTIONS[node.target]
