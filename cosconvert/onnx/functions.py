@@ -7,9 +7,11 @@ folded in), so a node computes
     Y = conv(X, W) / sqrt(window_sum(|x|^2) - [centered] window_sum(x)^2 / n) + B
 
 The model carries these definitions as model-local functions, so any runtime without a
-fused kernel runs the node as its body. Norms are taken in float32 whatever X's type; unlike
-the PyTorch layers, the centered energy is formed in float32 too (float64 is not worth its
-cost in a deployed graph; the validation tolerances hold on every tested model).
+fused kernel runs the node as its body. Norms are taken in float32 whatever X's type. The
+PyTorch layers finish the centered energy in float64; onnxruntime has no float64 convolution
+for the window sums, so the centered body forms it in float32 twice, from X and from X shifted
+by a constant per sample and group, and keeps for each field the form that cancels less
+(:func:`CenteredEnergy`).
 
 The bodies branch (``If``) on attributes and on W's shape alone. onnxruntime inlines a
 function no provider claims and then folds such branches, so each layer runs only its own
@@ -38,10 +40,9 @@ def InverseNorm(sum_sq, eps: float):
 
 
 @script(cosconvert_domain, default_opset=op)
-def CenteredInverseNorm(sum_sq, total, n, eps: float):
-    """``1 / max(|x - mean x|, eps)`` of vectors of ``n`` values from their sums of squares and sums,
-    0 where a vector is constant (its centered energy under ``CONSTANT_TOL`` of its raw energy)."""
-    energy = sum_sq - total * total / n
+def CenteredInverseNorm(energy, sum_sq, eps: float):
+    """``1 / max(|x - mean x|, eps)`` of vectors from their centered energy ``|x - mean x|^2`` and
+    raw ``|x|^2``; 0 where a vector is constant (energy under ``CONSTANT_TOL`` of the raw)."""
     constant = energy <= op.CastLike(CONSTANT_TOL, sum_sq) * sum_sq
     return op.Where(constant, op.CastLike(0.0, sum_sq), InverseNorm(energy, eps=eps))
 
@@ -65,22 +66,90 @@ def GroupSum(v, W, group: int):
 
 
 @script(cosconvert_domain, default_opset=op)
+def Ones(v, W, group: int):
+    """The kernel of ones (group, 1, *W's kernel) in ``v``'s type that sums each window of a grouped Conv."""
+    one = op.Constant(value_ints=[1])
+    return op.Expand(
+        op.CastLike(1.0, v), op.Concat(op.Reshape(op.Constant(value_int=group), one), one, op.Shape(W, start=2), axis=0)
+    )
+
+
+@script(cosconvert_domain, default_opset=op)
 def WindowSum(v, W, strides: list[int], pads: list[int], dilations: list[int], group: int):
     """Sum of ``v`` (N, group, *spatial) over every window of a convolution with ``W``'s kernel:
     (N, group, *out). A 1x1 kernel with stride 1 and no padding sums nothing: that is ``v``."""
     one = op.Constant(value_ints=[1])
-    kernel = op.Shape(W, start=2)
-    single = op.Equal(op.ReduceProd(kernel, keepdims=1), one)
+    single = op.Equal(op.ReduceProd(op.Shape(W, start=2), keepdims=1), one)
     unpadded = op.Equal(op.ReduceMax(op.Constant(value_ints=pads), keepdims=1), op.Constant(value_ints=[0]))
     unstrided = op.Equal(op.ReduceMax(op.Constant(value_ints=strides), keepdims=1), one)
     if op.And(single, op.And(unpadded, unstrided)):
         window = op.Identity(v)
     else:
-        ones = op.Expand(
-            op.CastLike(1.0, v), op.Concat(op.Reshape(op.Constant(value_int=group), one), one, kernel, axis=0)
-        )
-        window = op.Conv(v, ones, strides=strides, pads=pads, dilations=dilations, group=group)
+        window = op.Conv(v, Ones(v, W, group=group), strides=strides, pads=pads, dilations=dilations, group=group)
     return window
+
+
+@script(cosconvert_domain, default_opset=op)
+def PaddedWindowSum(v, W, strides: list[int], dilations: list[int], group: int):
+    """:func:`WindowSum` of a ``v`` already padded: every window lies inside it, so no pads."""
+    return op.Conv(v, Ones(v, W, group=group), strides=strides, dilations=dilations, group=group)
+
+
+@script(cosconvert_domain, default_opset=op)
+def GroupMean(x, W, group: int):
+    """Mean of ``x`` (N, C, *spatial) over each group's channels and all positions, for every sample,
+    as (N, C, 1, ..., 1): the same value for all channels of a group."""
+    one = op.Constant(value_ints=[1])
+    groups = op.Reshape(op.Constant(value_int=group), one)
+    per_group = op.Shape(W, start=1, end=2)  # C / group
+    rank = op.Size(op.Shape(W))  # X's rank, known when the graph is loaded (W is a constant)
+    if op.Equal(per_group, one):
+        mean = op.ReduceMean(x, op.Range(op.Constant(value_int=2), rank, op.Constant(value_int=1)))
+    elif op.Equal(groups, one):
+        mean = op.ReduceMean(x, op.Range(op.Constant(value_int=1), rank, op.Constant(value_int=1)))
+    else:
+        spatial = op.Range(op.Constant(value_int=2), rank, op.Constant(value_int=1))
+        grouped = op.Reshape(
+            op.ReduceMean(x, spatial), op.Concat(op.Constant(value_ints=[0]), groups, per_group, axis=0)
+        )
+        group_means = op.Expand(op.ReduceMean(grouped, op.Constant(value_ints=[2])), op.Shape(grouped))
+        mean = op.Reshape(
+            group_means, op.Concat(op.Shape(x, start=0, end=2), op.Expand(one, op.Shape(spatial)), axis=0)
+        )
+    return mean
+
+
+@script(cosconvert_domain, default_opset=op)
+def CenteredEnergy(x, W, sum_sq, strides: list[int], pads: list[int], dilations: list[int], group: int):
+    """``|x - mean x|^2`` of every field (N, group, *out), given its ``|x|^2`` (``sum_sq``).
+
+    As ``S2 - S1^2 / n``, float32 keeps about ``1e-7 * S2``, which is nothing left of a field whose
+    mean dwarfs its spread. So it is also formed from the sums of ``x - c``, with ``c`` each
+    sample's mean over a group's channels: constant over every field (its zero padding included, so
+    ``x`` is padded first and these window sums take no pads), it leaves the energy unchanged in
+    exact arithmetic. Each field keeps the form whose ``S2`` is smaller: the shifted one on an
+    offset input, the plain one where a field lies far from ``c`` (a patch of ReLU zeros in a
+    channel whose mean is large), where shifting would cancel instead."""
+    n = op.CastLike(op.ReduceProd(op.Shape(W, start=1), keepdims=0), x)
+    total = WindowSum(GroupSum(x, W, group=group), W, strides=strides, pads=pads, dilations=dilations, group=group)
+    if op.Equal(op.ReduceMax(op.Constant(value_ints=pads), keepdims=1), op.Constant(value_ints=[0])):
+        padded = op.Identity(x)
+    else:
+        begins_ends = op.Reshape(op.Constant(value_ints=pads), op.Constant(value_ints=[2, -1]))
+        unpadded_axes = op.Constant(
+            value=onnx.helper.make_tensor("zeros", onnx.TensorProto.INT64, [2, 2], [0, 0, 0, 0])
+        )
+        padded = op.Pad(x, op.Reshape(op.Concat(unpadded_axes, begins_ends, axis=1), op.Constant(value_ints=[-1])))
+    shifted = padded - GroupMean(x, W, group=group)
+    shifted_sq = PaddedWindowSum(  # no pads
+        GroupSum(shifted * shifted, W, group=group), W, strides=strides, dilations=dilations, group=group
+    )
+    shifted_total = PaddedWindowSum(
+        GroupSum(shifted, W, group=group), W, strides=strides, dilations=dilations, group=group
+    )
+    energy = sum_sq - total * total / n
+    shifted_energy = shifted_sq - shifted_total * shifted_total / n
+    return op.Where(shifted_sq < sum_sq, shifted_energy, energy)
 
 
 @script(cosconvert_domain, default_opset=op)
@@ -98,9 +167,8 @@ def CosineConv(
         GroupSum(x * x, W, group=group), W, strides=strides, pads=pads, dilations=dilations, group=group
     )
     if op.Cast(op.Constant(value_int=centered), to=BOOL.dtype):
-        window = WindowSum(GroupSum(x, W, group=group), W, strides=strides, pads=pads, dilations=dilations, group=group)
-        n = op.CastLike(op.ReduceProd(op.Shape(W, start=1), keepdims=0), x)
-        inv = CenteredInverseNorm(window_sq, window, n, eps=eps)
+        energy = CenteredEnergy(x, W, window_sq, strides=strides, pads=pads, dilations=dilations, group=group)
+        inv = CenteredInverseNorm(energy, window_sq, eps=eps)
     else:
         inv = InverseNorm(window_sq, eps=eps)
     y = op.Cast(op.Conv(X, W, strides=strides, pads=pads, dilations=dilations, group=group), to=FLOAT.dtype)
@@ -124,16 +192,23 @@ def CosineLinear(X, W, B, centered: int, eps: float):
     last = op.Constant(value_ints=[-1])
     sum_sq = op.ReduceSumSquare(x, last, keepdims=1)
     if op.Cast(op.Constant(value_int=centered), to=BOOL.dtype):
-        inv = CenteredInverseNorm(
-            sum_sq, op.ReduceSum(x, last, keepdims=1), op.CastLike(op.Shape(x, start=-1), x), eps=eps
-        )
+        inv = CenteredInverseNorm(op.ReduceSumSquare(x - op.ReduceMean(x, last), last, keepdims=1), sum_sq, eps=eps)
     else:
         inv = InverseNorm(sum_sq, eps=eps)
     y = op.MatMul(X, op.Transpose(W, perm=[1, 0]))
     return op.CastLike(op.Cast(y, to=FLOAT.dtype) * inv, X) + B
 
 
-HELPERS = (InverseNorm, CenteredInverseNorm, GroupSum, WindowSum)  # inlined into the ops' bodies
+HELPERS = (
+    InverseNorm,
+    CenteredInverseNorm,
+    GroupSum,
+    Ones,
+    WindowSum,
+    PaddedWindowSum,
+    GroupMean,
+    CenteredEnergy,
+)  # inlined into the ops' bodies
 
 
 def function_protos(opset_version: int) -> dict[str, onnx.FunctionProto]:
