@@ -305,11 +305,14 @@ ONNX_CASES = [
     ("timm", "tf_efficientnet_b0", None),
     ("timm", "resnetv2_50x1_bit", None),
     ("timm", "vit_tiny_patch16_224", None),
+    ("timm", "nf_resnet26", None),
+    ("timm", "efficientvit_m0", None),
     ("transformers", "GPT2Model", None),
     ("transformers", "BertModel", None),
+    ("transformers", "DistilBertModel", None),
 ]
 # text models: the inputs to export, by name (GPT-2's mask is not its second positional parameter)
-ONNX_INPUTS = {"GPT2Model": ("input_ids", "attention_mask"), "BertModel": ("input_ids", "attention_mask")}
+ONNX_INPUTS = {name: ("input_ids", "attention_mask") for name in ("GPT2Model", "BertModel", "DistilBertModel")}
 
 
 def export_inputs(name: str, args: tuple, kwargs: dict) -> tuple | dict:
