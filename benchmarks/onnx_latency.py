@@ -38,7 +38,7 @@ def main() -> None:
     print(f"onnxruntime {ort.__version__}, CPUExecutionProvider, float32, 224x224\n")
     print(f"{'model':20} {'batch':>5} {'original ms':>12} {'cosine ms':>10} {'ratio':>6}  nodes run (original, cosine)")
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ["resnet18", "mobilenet_v3_small"]:
+        for name in ["resnet18", "mobilenet_v3_small", "efficientnet_b0"]:
             torch.manual_seed(0)
             model = torchvision.models.get_model(name).eval()
             converted = cosconvert.convert(model, strip_norms="fold")

@@ -15,9 +15,11 @@ by a constant per sample and group, and keeps for each field the form that cance
 
 The bodies branch (``If``) on attributes and on W's shape alone. onnxruntime inlines a
 function no provider claims and then folds such branches, so each layer runs only its own
-path: 8 or 9 nodes for a plain cosine conv (it does not drop unused nodes, which is why
-nothing is computed outside the branch that needs it). The helper functions are inlined
-into the two ops' bodies when the file is written (:func:`function_protos`).
+path: 6 to 8 nodes for a plain cosine conv (it does not drop unused nodes, which is why
+nothing is computed outside the branch that needs it). Where a field is one position (a 1x1
+kernel, no stride or padding) X is divided by its norm before the Conv, which then adds the
+bias and takes onnxruntime's fusions with the activation after it. The helper functions are
+inlined into the two ops' bodies when the file is written (:func:`function_protos`).
 """
 
 import onnx
@@ -30,21 +32,23 @@ DOMAIN = "cosconvert"
 VERSION = 1
 cosconvert_domain = Opset(DOMAIN, VERSION)
 CONSTANT_TOL = 1e-5  # as cosconvert.functional.CONSTANT_TOL
+INF = float("inf")
 
 
 @script(cosconvert_domain, default_opset=op)
-def InverseNorm(sum_sq, eps: float):
-    """``1 / max(|x|, eps)`` of vectors from their sums of squares."""
+def Norm(sum_sq, eps: float):
+    """``max(|x|, eps)`` of vectors from their sums of squares."""
     floor = op.CastLike(op.Constant(value_float=eps), sum_sq)
-    return op.Reciprocal(op.Sqrt(op.Max(sum_sq, floor * floor)))
+    return op.Sqrt(op.Max(sum_sq, floor * floor))
 
 
 @script(cosconvert_domain, default_opset=op)
-def CenteredInverseNorm(energy, sum_sq, eps: float):
-    """``1 / max(|x - mean x|, eps)`` of vectors from their centered energy ``|x - mean x|^2`` and
-    raw ``|x|^2``; 0 where a vector is constant (energy under ``CONSTANT_TOL`` of the raw)."""
+def CenteredNorm(energy, sum_sq, eps: float):
+    """``max(|x - mean x|, eps)`` of vectors from their centered energy ``|x - mean x|^2`` and raw
+    ``|x|^2``; infinite where a vector is constant (energy under ``CONSTANT_TOL`` of the raw), so
+    that dividing by it gives 0."""
     constant = energy <= op.CastLike(CONSTANT_TOL, sum_sq) * sum_sq
-    return op.Where(constant, op.CastLike(0.0, sum_sq), InverseNorm(energy, eps=eps))
+    return op.Where(constant, op.CastLike(INF, sum_sq), Norm(energy, eps=eps))
 
 
 @script(cosconvert_domain, default_opset=op)
@@ -159,30 +163,42 @@ def CosineConv(
     """Cosine convolution of X (N, C, *spatial) with normalized W (O, C/group, *kernel), bias B (O,).
 
     Every branch tests only attributes and W's shape, so a runtime that inlines the function folds
-    them to constants: what runs is this layer's own path (on onnxruntime, 8 or 9 nodes)."""
+    them to constants: what runs is this layer's own path (on onnxruntime, 6 to 8 nodes)."""
     x = op.Cast(X, to=FLOAT.dtype)
     one = op.Constant(value_ints=[1])
     groups = op.Reshape(op.Constant(value_int=group), one)
+    per_group = op.Shape(W, start=1, end=2)  # C / group
     window_sq = WindowSum(  # |x|^2 of every field: (N, group, *out)
         GroupSum(x * x, W, group=group), W, strides=strides, pads=pads, dilations=dilations, group=group
     )
     if op.Cast(op.Constant(value_int=centered), to=BOOL.dtype):
         energy = CenteredEnergy(x, W, window_sq, strides=strides, pads=pads, dilations=dilations, group=group)
-        inv = CenteredInverseNorm(energy, window_sq, eps=eps)
+        norm = CenteredNorm(energy, window_sq, eps=eps)
     else:
-        inv = InverseNorm(window_sq, eps=eps)
-    y = op.Cast(op.Conv(X, W, strides=strides, pads=pads, dilations=dilations, group=group), to=FLOAT.dtype)
-    if op.Or(op.Equal(groups, one), op.Equal(op.Shape(W, start=0, end=1), groups)):
-        scaled = y * inv  # one norm for all output channels, or one for each
+        norm = Norm(window_sq, eps=eps)
+    single = op.Equal(op.ReduceProd(op.Shape(W, start=2), keepdims=1), one)
+    unpadded = op.Equal(op.ReduceMax(op.Constant(value_ints=pads), keepdims=1), op.Constant(value_ints=[0]))
+    unstrided = op.Equal(op.ReduceMax(op.Constant(value_ints=strides), keepdims=1), one)
+    broadcasts = op.Or(op.Equal(groups, one), op.Equal(per_group, one))  # norm: (N, 1 or C, *spatial)
+    plain = op.Not(op.Cast(op.Constant(value_int=centered), to=BOOL.dtype))  # a centered X is off by its mean
+    if op.And(op.And(op.And(single, broadcasts), op.And(unpadded, unstrided)), plain):
+        # A field is one position: scale the input first, and the Conv adds the bias (and takes
+        # onnxruntime's fusions with the activation after it).
+        out = op.Conv(op.CastLike(x / norm, X), W, B, strides=strides, pads=pads, dilations=dilations, group=group)
     else:
-        y_groups = op.Concat(
-            op.Constant(value_ints=[0]), groups, op.Constant(value_ints=[-1]), op.Shape(y, start=2), axis=0
+        y = op.Cast(op.Conv(X, W, strides=strides, pads=pads, dilations=dilations, group=group), to=FLOAT.dtype)
+        if op.Or(op.Equal(groups, one), op.Equal(op.Shape(W, start=0, end=1), groups)):
+            scaled = y / norm  # one norm for all output channels, or one for each
+        else:
+            y_groups = op.Concat(
+                op.Constant(value_ints=[0]), groups, op.Constant(value_ints=[-1]), op.Shape(y, start=2), axis=0
+            )
+            scaled = op.Reshape(op.Reshape(y, y_groups) / op.Unsqueeze(norm, op.Constant(value_ints=[2])), op.Shape(y))
+        spatial_axes = op.Range(
+            op.Constant(value_int=1), op.Size(op.Shape(W)) - op.Constant(value_int=1), op.Constant(value_int=1)
         )
-        scaled = op.Reshape(op.Reshape(y, y_groups) * op.Unsqueeze(inv, op.Constant(value_ints=[2])), op.Shape(y))
-    spatial_axes = op.Range(
-        op.Constant(value_int=1), op.Size(op.Shape(W)) - op.Constant(value_int=1), op.Constant(value_int=1)
-    )
-    return op.CastLike(scaled, X) + op.Unsqueeze(B, spatial_axes)  # B as (O, 1, ..., 1)
+        out = op.CastLike(scaled, X) + op.Unsqueeze(B, spatial_axes)  # B as (O, 1, ..., 1)
+    return out
 
 
 @script(cosconvert_domain, default_opset=op)
@@ -192,16 +208,16 @@ def CosineLinear(X, W, B, centered: int, eps: float):
     last = op.Constant(value_ints=[-1])
     sum_sq = op.ReduceSumSquare(x, last, keepdims=1)
     if op.Cast(op.Constant(value_int=centered), to=BOOL.dtype):
-        inv = CenteredInverseNorm(op.ReduceSumSquare(x - op.ReduceMean(x, last), last, keepdims=1), sum_sq, eps=eps)
+        norm = CenteredNorm(op.ReduceSumSquare(x - op.ReduceMean(x, last), last, keepdims=1), sum_sq, eps=eps)
     else:
-        inv = InverseNorm(sum_sq, eps=eps)
+        norm = Norm(sum_sq, eps=eps)
     y = op.MatMul(X, op.Transpose(W, perm=[1, 0]))
-    return op.CastLike(op.Cast(y, to=FLOAT.dtype) * inv, X) + B
+    return op.CastLike(op.Cast(y, to=FLOAT.dtype) / norm, X) + B
 
 
 HELPERS = (
-    InverseNorm,
-    CenteredInverseNorm,
+    Norm,
+    CenteredNorm,
     GroupSum,
     Ones,
     WindowSum,
