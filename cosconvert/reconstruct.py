@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from cosconvert.calibration import _PLAIN, _Fit, batch_inputs
 from cosconvert.data import load_data
 from cosconvert.layers import LAYERS, LEAVES
-from cosconvert.trace import trace
+from cosconvert.trace import fetch, trace
 
 __all__ = ["reconstruct", "find_blocks"]
 
@@ -134,7 +134,7 @@ def _outline(gm: fx.GraphModule, blocks: Sequence[str]) -> tuple[fx.GraphModule,
         elif node not in skip:
             env[node] = graph.node_copy(node, lambda n: env[n])
             if node.op in ("call_module", "get_attr"):
-                attrs[node.target] = _fetch(gm, node.target)
+                attrs[node.target] = fetch(gm, node.target)
     return fx.GraphModule(attrs, graph, type(gm).__name__), subs
 
 
@@ -166,11 +166,6 @@ def _subgraph(gm: fx.GraphModule, inside: list[fx.Node]) -> fx.GraphModule:
     sub = fx.GraphModule(gm, graph, "Block")
     sub.inputs = inputs
     return sub
-
-
-def _fetch(module: nn.Module, target: str):
-    owner, _, attr = target.rpartition(".")
-    return getattr(module.get_submodule(owner), attr)
 
 
 class _Staged:
