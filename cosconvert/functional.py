@@ -52,6 +52,7 @@ __all__ = [
     "cosine_conv2d",
     "cosine_conv3d",
     "normalize_weight",
+    "weight_inverse_norm",
     "inverse_norm",
     "centered_inverse_norm",
     "receptive_field_inverse_norm",
@@ -135,11 +136,28 @@ def normalize_weight(
         raw_sq = w.square().sum(1)
         w = w - w.mean(1, keepdim=True)
         scale = centered_inverse_norm(w.square().sum(1), raw_sq, eps)
+        scale = scale if gain is None else scale * gain.to(scale.dtype)
     else:
-        scale = inverse_norm(w.square().sum(1), eps)
-    if gain is not None:
-        scale = scale * gain.to(scale.dtype)
+        scale = weight_inverse_norm(weight, eps=eps, gain=gain)
     return (w * scale[:, None]).view_as(weight).to(weight.dtype)
+
+
+def weight_inverse_norm(weight: Tensor, *, eps: float = 1e-6, gain: Tensor | None = None) -> Tensor:
+    """``gain / max(|w_j|, eps)`` for each output unit's row ``w_j`` of ``weight`` ``(out, ...)``:
+    shape ``(out,)``, float32 for half types."""
+    w = weight.to(_norm_dtype(weight.dtype)).flatten(1)
+    scale = inverse_norm(w.square().sum(1), eps)
+    return scale if gain is None else scale * gain.to(scale.dtype)
+
+
+def _scales_output(weight: Tensor, centered: bool) -> bool:
+    """Whether a cosine layer runs on its raw weight and scales each output unit by ``1 / |w_j|``,
+    rather than normalizing the weight first. The same math, without writing a normalized copy of
+    every weight on every call (the bulk of a compiled network's extra time at small batches).
+    Not for the centered form (``w_c . x`` must stay ``w_c . x_c``, which a raw weight loses), nor
+    for half types (a raw weight's products may overflow where a unit one's cannot), nor under
+    export (whose op takes the normalized weight)."""
+    return not centered and weight.dtype in (torch.float32, torch.float64) and not torch.compiler.is_exporting()
 
 
 def _tuple(value: _IntOrTuple, dims: int) -> tuple[int, ...]:
@@ -243,6 +261,9 @@ def receptive_field_inverse_norm(
 
 
 def _cosine_conv(input, weight, bias, stride, padding, dilation, groups, centered, eps, gain):
+    if _scales_output(weight, centered):
+        unit_scale = weight_inverse_norm(weight, eps=eps, gain=gain)
+        return conv_normalized(input, weight, bias, stride, padding, dilation, groups, eps=eps, unit_scale=unit_scale)
     w_hat = normalize_weight(weight, centered=centered, eps=eps, gain=gain)
     return conv_normalized(input, w_hat, bias, stride, padding, dilation, groups, centered=centered, eps=eps)
 
@@ -302,10 +323,13 @@ def conv_normalized(
     *,
     centered: bool = False,
     eps: float = 1e-6,
+    unit_scale: Tensor | None = None,
 ) -> Tensor:
     """The cosine convolution for a weight already through :func:`normalize_weight`:
-    ``conv(x, w_hat) / |x| + bias``. Under ``torch.export`` it is one ``cosconvert::conv_normalized``
-    op, which ONNX export turns into one ``cosconvert.CosineConv`` node."""
+    ``conv(x, w_hat) / |x| + bias``; or, given ``unit_scale`` (shape ``(out,)``, from
+    :func:`weight_inverse_norm`), for the raw weight: ``conv(x, w) * unit_scale / |x| + bias``.
+    Under ``torch.export`` it is one ``cosconvert::conv_normalized`` op, which ONNX export turns
+    into one ``cosconvert.CosineConv`` node."""
     dims = weight.dim() - 2
     if torch.compiler.is_exporting():
         input, pads = _explicit_padding(input, weight, padding, dilation)
@@ -320,12 +344,20 @@ def conv_normalized(
     n, c_out = out.shape[:2]
     grouped, scale = out.view(n, groups, c_out // groups, *out.shape[2:]), inv.unsqueeze(2)
     dtype = _out_dtype(input, weight)
-    bias = None if bias is None else bias.view(-1, *([1] * dims)).to(dtype)
+    per_unit = [1] * dims
+    bias = None if bias is None else bias.view(-1, *per_unit).to(dtype)
+    unit_scale = None if unit_scale is None else unit_scale.view(-1, *per_unit).to(dtype)
     if not out.requires_grad and out.dtype == dtype:  # autograd is not watching: scale and shift in place
         grouped.mul_(scale)
-        return out if bias is None else out.add_(bias)
-    out = (grouped * scale).view_as(out).to(dtype)
-    return out if bias is None else out + bias
+        return _scale_shift(out, unit_scale, bias, out=out)
+    return _scale_shift((grouped * scale).view_as(out).to(dtype), unit_scale, bias)
+
+
+def _scale_shift(x: Tensor, scale: Tensor | None, shift: Tensor | None, **out: Tensor) -> Tensor:
+    """``x * scale + shift`` in one pass, either one absent; ``out=`` (which may be ``x``) as in torch."""
+    if scale is None:
+        return x if shift is None else torch.add(x, shift, **out)
+    return torch.mul(x, scale, **out) if shift is None else torch.addcmul(shift, x, scale, **out)
 
 
 def _out_dtype(input: Tensor, weight: Tensor) -> torch.dtype:
@@ -335,10 +367,17 @@ def _out_dtype(input: Tensor, weight: Tensor) -> torch.dtype:
 
 
 def linear_normalized(
-    input: Tensor, weight: Tensor, bias: Tensor | None = None, *, centered: bool = False, eps: float = 1e-6
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    centered: bool = False,
+    eps: float = 1e-6,
+    unit_scale: Tensor | None = None,
 ) -> Tensor:
-    """The cosine linear layer for a weight already through :func:`normalize_weight`; one
-    ``cosconvert::linear_normalized`` op under ``torch.export``."""
+    """The cosine linear layer for a weight already through :func:`normalize_weight`, or for the raw
+    weight given ``unit_scale`` (as in :func:`conv_normalized`); one ``cosconvert::linear_normalized``
+    op under ``torch.export``."""
     if torch.compiler.is_exporting():
         bias = weight.new_zeros(weight.shape[0]) if bias is None else bias
         return torch.ops.cosconvert.linear_normalized(input, weight, bias, centered, eps)
@@ -353,7 +392,8 @@ def linear_normalized(
             inv = inverse_norm(sum_of_squares(x, -1), eps)
         inv = inv.unsqueeze(-1).to(_norm_dtype(input.dtype))
     out = (out * inv).to(_out_dtype(input, weight))
-    return out if bias is None else out + bias.to(out.dtype)
+    unit_scale = None if unit_scale is None else unit_scale.to(out.dtype)
+    return _scale_shift(out, unit_scale, None if bias is None else bias.to(out.dtype))
 
 
 def cosine_linear(
@@ -367,6 +407,9 @@ def cosine_linear(
 ) -> Tensor:
     """Cosine-normalized ``F.linear``: ``input (..., in)``, ``weight (out, in)`` -> ``(..., out)``,
     each output ``gain * cos(w_j, x) + bias_j``."""
+    if _scales_output(weight, centered):
+        unit_scale = weight_inverse_norm(weight, eps=eps, gain=gain)
+        return linear_normalized(input, weight, bias, eps=eps, unit_scale=unit_scale)
     w_hat = normalize_weight(weight, centered=centered, eps=eps, gain=gain)
     return linear_normalized(input, w_hat, bias, centered=centered, eps=eps)
 
