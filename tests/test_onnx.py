@@ -12,6 +12,7 @@ from onnx.reference import ReferenceEvaluator
 from reference import cosine_reference, linear_reference
 from test_convert import Functional
 from torch import nn
+from torchvision.models import VisionTransformer
 
 import cosconvert
 from cosconvert.nn import CosineConv2d, CosineLinear
@@ -55,7 +56,8 @@ CASES = {
     "resnet18": (lambda: torchvision.models.resnet18(), (3, 64, 64)),
     "mobilenet_v3_small": (lambda: torchvision.models.mobilenet_v3_small(), (3, 64, 64)),
     "efficientnet_b0": (lambda: torchvision.models.efficientnet_b0(), (3, 64, 64)),
-    "vit_b_16": (lambda: torchvision.models.vit_b_16(), (3, 224, 224)),
+    # torchvision's VisionTransformer (vit_b_16's class, nn.MultiheadAttention inside) at a small size
+    "vit": (lambda: VisionTransformer(64, 16, num_layers=4, num_heads=4, hidden_dim=64, mlp_dim=128), (3, 64, 64)),
     "conv1d": (Conv1dNet, (4, 32)),
     "conv3d": (Conv3dNet, (2, 6, 8, 8)),
     "transformer_encoder": (encoder, (5, 16)),
@@ -238,6 +240,7 @@ def test_external_data_file_is_written_beside_the_model(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("memory")  # never beside the torchvision sweep's largest models
 def test_model_over_2gb_exports_with_external_data(tmp_path):
     """A real 2.15 GB network (one 23200x23200 cosine layer): weights go to model.onnx.data and the
     pair validates on onnxruntime. About 50 s and 11 GB of memory here."""
