@@ -153,7 +153,7 @@ def run(args) -> dict:
         rows[f"distillation alone, same wall-clock ({images} images)"] = {
             **measure(same, original, test), "seconds": round(time.perf_counter() - started)}  # fmt: skip
         started = time.perf_counter()
-        finetune(rec, train, teacher=original, epochs=1, verbose=False)
+        finetune(rec, train, teacher=original, epochs=1, lr=args.tune_lr, verbose=False)
         rows["reconstruct + 1 epoch distillation"] = {
             **measure(rec, original, test), "seconds": round(seconds + time.perf_counter() - started)}  # fmt: skip
         five = copy.deepcopy(base)
@@ -212,6 +212,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="reconstruct's steps per block")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--tune-lr", type=float, default=1e-4,
+                        help="lr of the distillation epoch after reconstruct, which starts near the original")  # fmt: skip
     parser.add_argument("--train", default="all", choices=("all", "affine"))
     parser.add_argument("--strip", nargs="+", default=["fold", "drop"], choices=("fold", "drop"))
     parser.add_argument("--quick", action="store_true", help="only calibration and reconstruct (no distillation)")
