@@ -13,7 +13,9 @@ The receptive field is never unfolded. Because a centered weight sums to zero,
 ``w_c . x = w_c . x_c``, so one ordinary convolution with the normalized weight gives
 every numerator; the norms ``|x|^2 = S2`` and ``|x_c|^2 = S2 - S1^2 / n`` come from
 window sums of the channel-summed squares ``S2`` (and sums ``S1``). Norms are computed
-in float32 under float16/bfloat16 and autocast.
+in float32 under float16/bfloat16 and autocast. An uncentered float32/float64 layer runs the
+convolution on its raw weight instead and scales each output unit by ``1/|w|`` along with ``1/|x|``:
+the same cosine, without writing a normalized copy of the weight on every call.
 
 A zero field gives 0. A constant field gives 0 in the centered form too: a field whose
 centered energy is below ``CONSTANT_TOL`` of its raw energy (standard deviation under
