@@ -133,23 +133,34 @@ def normalize_weight(
     """Each output unit's weight (row of ``weight``, shape ``(out, ...)``) over its norm,
     centered first if asked, times ``gain`` (shape ``()``, ``(1,)`` or ``(out,)``).
     Computed in float32 for half types and returned in ``weight.dtype``."""
-    w = weight.to(_norm_dtype(weight.dtype)).flatten(1)
-    if centered:  # center first, so the norm is a plain sum of squares that cannot cancel
-        raw_sq = w.square().sum(1)
-        w = w - w.mean(1, keepdim=True)
-        scale = centered_inverse_norm(w.square().sum(1), raw_sq, eps)
-        scale = scale if gain is None else scale * gain.to(scale.dtype)
-    else:
-        scale = weight_inverse_norm(weight, eps=eps, gain=gain)
-    return (w * scale[:, None]).view_as(weight).to(weight.dtype)
+    rows, scale = _rows_and_scale(weight, centered, eps, gain)
+    return (rows * scale[:, None]).view_as(weight).to(weight.dtype)
 
 
 def weight_inverse_norm(weight: Tensor, *, eps: float = 1e-6, gain: Tensor | None = None) -> Tensor:
     """``gain / max(|w_j|, eps)`` for each output unit's row ``w_j`` of ``weight`` ``(out, ...)``:
     shape ``(out,)``, float32 for half types."""
+    return _rows_and_scale(weight, False, eps, gain)[1]
+
+
+def _rows_and_scale(weight: Tensor, centered: bool, eps: float, gain: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``weight``'s rows ``(out, n)`` in the norm type (centered if asked) and ``gain`` over their norms ``(out,)``."""
     w = weight.to(_norm_dtype(weight.dtype)).flatten(1)
-    scale = inverse_norm(w.square().sum(1), eps)
-    return scale if gain is None else scale * gain.to(scale.dtype)
+    if centered:  # center first, so the norm is a plain sum of squares that cannot cancel
+        raw_sq = w.square().sum(1)
+        w = w - w.mean(1, keepdim=True)
+        scale = centered_inverse_norm(w.square().sum(1), raw_sq, eps)
+    else:
+        scale = inverse_norm(w.square().sum(1), eps)
+    return w, scale if gain is None else scale * gain.to(scale.dtype)
+
+
+def _prepared_weight(weight: Tensor, centered: bool, eps: float, gain: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """What a cosine layer hands :func:`conv_normalized` / :func:`linear_normalized`: the raw weight and its
+    per-unit ``unit_scale`` where :func:`_scales_output` allows, else the normalized weight and ``None``."""
+    if _scales_output(weight, centered):
+        return weight, weight_inverse_norm(weight, eps=eps, gain=gain)
+    return normalize_weight(weight, centered=centered, eps=eps, gain=gain), None
 
 
 def _scales_output(weight: Tensor, centered: bool) -> bool:
@@ -263,11 +274,10 @@ def receptive_field_inverse_norm(
 
 
 def _cosine_conv(input, weight, bias, stride, padding, dilation, groups, centered, eps, gain):
-    if _scales_output(weight, centered):
-        unit_scale = weight_inverse_norm(weight, eps=eps, gain=gain)
-        return conv_normalized(input, weight, bias, stride, padding, dilation, groups, eps=eps, unit_scale=unit_scale)
-    w_hat = normalize_weight(weight, centered=centered, eps=eps, gain=gain)
-    return conv_normalized(input, w_hat, bias, stride, padding, dilation, groups, centered=centered, eps=eps)
+    w, unit_scale = _prepared_weight(weight, centered, eps, gain)
+    return conv_normalized(
+        input, w, bias, stride, padding, dilation, groups, centered=centered, eps=eps, unit_scale=unit_scale
+    )
 
 
 def _explicit_padding(input: Tensor, weight: Tensor, padding, dilation) -> tuple[Tensor, list[int]]:
@@ -334,6 +344,7 @@ def conv_normalized(
     into one ``cosconvert.CosineConv`` node."""
     dims = weight.dim() - 2
     if torch.compiler.is_exporting():
+        weight = _fold_unit_scale(weight, unit_scale)
         input, pads = _explicit_padding(input, weight, padding, dilation)
         bias = weight.new_zeros(weight.shape[0]) if bias is None else bias
         stride, dilation = list(_tuple(stride, dims)), list(_tuple(dilation, dims))
@@ -353,6 +364,13 @@ def conv_normalized(
         grouped.mul_(scale)
         return _scale_shift(out, unit_scale, bias, out=out)
     return _scale_shift((grouped * scale).view_as(out).to(dtype), unit_scale, bias)
+
+
+def _fold_unit_scale(weight: Tensor, unit_scale: Tensor | None) -> Tensor:
+    """The weight with each output unit's ``unit_scale`` multiplied in: the export ops take one weight."""
+    if unit_scale is None:
+        return weight
+    return weight * unit_scale.view(-1, *[1] * (weight.dim() - 1)).to(weight.dtype)
 
 
 def _scale_shift(x: Tensor, scale: Tensor | None, shift: Tensor | None, **out: Tensor) -> Tensor:
@@ -381,6 +399,7 @@ def linear_normalized(
     weight given ``unit_scale`` (as in :func:`conv_normalized`); one ``cosconvert::linear_normalized``
     op under ``torch.export``."""
     if torch.compiler.is_exporting():
+        weight = _fold_unit_scale(weight, unit_scale)
         bias = weight.new_zeros(weight.shape[0]) if bias is None else bias
         return torch.ops.cosconvert.linear_normalized(input, weight, bias, centered, eps)
     with _CosineMath():
@@ -409,11 +428,8 @@ def cosine_linear(
 ) -> Tensor:
     """Cosine-normalized ``F.linear``: ``input (..., in)``, ``weight (out, in)`` -> ``(..., out)``,
     each output ``gain * cos(w_j, x) + bias_j``."""
-    if _scales_output(weight, centered):
-        unit_scale = weight_inverse_norm(weight, eps=eps, gain=gain)
-        return linear_normalized(input, weight, bias, eps=eps, unit_scale=unit_scale)
-    w_hat = normalize_weight(weight, centered=centered, eps=eps, gain=gain)
-    return linear_normalized(input, w_hat, bias, centered=centered, eps=eps)
+    w, unit_scale = _prepared_weight(weight, centered, eps, gain)
+    return linear_normalized(input, w, bias, centered=centered, eps=eps, unit_scale=unit_scale)
 
 
 def cosine_conv1d(

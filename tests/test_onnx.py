@@ -15,6 +15,7 @@ from torch import nn
 from torchvision.models import VisionTransformer
 
 import cosconvert
+import cosconvert.functional as CF
 from cosconvert.nn import CosineConv2d, CosineLinear
 from cosconvert.onnx.functions import DOMAIN
 
@@ -299,3 +300,27 @@ def test_a_fixed_sequence_is_one_clear_error(tmp_path):
     assert "\n" not in str(err.value) and not list(tmp_path.iterdir())
     path = cosconvert.export_onnx(model, torch.randint(0, 20, (2, 7)), tmp_path / "f.onnx", dynamic_shapes=[{}])
     assert path.exists()
+
+
+class RawWeightCalls(nn.Module):
+    """Calls the normalized-weight functions directly with a raw weight and its ``unit_scale``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.linear = nn.Parameter(torch.randn(6, 4, 3, 3)), nn.Parameter(torch.randn(5, 6))
+
+    def forward(self, x):
+        y = CF.conv_normalized(x, self.conv, None, 1, 1, unit_scale=CF.weight_inverse_norm(self.conv))
+        return CF.linear_normalized(y.mean((2, 3)), self.linear, unit_scale=CF.weight_inverse_norm(self.linear))
+
+
+def test_unit_scale_survives_export(tmp_path):
+    """The export ops take one weight: a given ``unit_scale`` is folded into it, not dropped."""
+    model, x = RawWeightCalls().eval(), torch.randn(2, 4, 8, 8)
+    path = cosconvert.export_onnx(model, x, tmp_path / "raw.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        pooled = cosine_reference(x.double(), model.conv.double(), None, 1, 1).mean((2, 3))
+        expected = linear_reference(pooled, model.linear.double())
+    np.testing.assert_allclose(out, expected.numpy(), atol=1e-5, rtol=0)
