@@ -139,6 +139,16 @@ def _write_logs(log: list[dict], folder: Path) -> None:
     _plot(log, folder / "curves.png")
 
 
+UNFINISHED_WRITES = (".last.pt.*.tmp", ".log.json.tmp", ".log.csv.tmp", ".curves.png.tmp.png")
+
+
+def _remove_unfinished_writes(folder: Path) -> None:
+    """Delete the temporary files of checkpoint and log writes that a killed run never renamed into place."""
+    for pattern in UNFINISHED_WRITES:
+        for path in folder.glob(pattern):
+            path.unlink(missing_ok=True)
+
+
 def finetune(
     model: nn.Module,
     data: Dataset | DataLoader,
@@ -207,6 +217,7 @@ def finetune(
     start_epoch, skip, epoch_rng, resumed = 0, 0, generator.get_state(), False
     if ckpt is not None and rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
+        _remove_unfinished_writes(folder)
     if resume and ckpt is not None and ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])

@@ -103,6 +103,19 @@ def test_resume_after_interrupt_continues_from_the_checkpoint(tmp_path):
         assert not torch.equal(value, full.state_dict()[key]), key
 
 
+def test_a_new_run_removes_the_unfinished_writes_of_a_killed_one(tmp_path):
+    """A run killed while writing its checkpoint leaves the temporary file behind (nothing can
+    catch SIGKILL); the next run in that folder deletes such leftovers and nothing else."""
+    leftovers = [".last.pt.t_p9ojju.tmp", ".log.json.tmp", ".log.csv.tmp", ".curves.png.tmp.png"]
+    for name in [*leftovers, "notes.tmp", ".last.pt"]:
+        (tmp_path / name).write_text("x")
+    model = torch.nn.Linear(4, 2)
+    finetune(model, TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,))), epochs=1, batch_size=8,
+             checkpoint_dir=tmp_path, progress=False)  # fmt: skip
+    names = {p.name for p in tmp_path.iterdir()}
+    assert names == {"last.pt", "log.json", "log.csv", "curves.png", "notes.tmp", ".last.pt"}
+
+
 SCRIPT = Path(__file__).parent / "scripts" / "finetune_run.py"
 sys.path.insert(0, str(SCRIPT.parent))
 import finetune_run  # noqa: E402 - the script's data, model and sizes
