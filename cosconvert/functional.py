@@ -35,7 +35,8 @@ shift and its sums are taken in float64 directly.
 
 Under ``torch.compile`` the math traces whole, with no graph break: the sums of squares are plain
 expressions there, which inductor fuses into the kernels around them, in place of the eager
-path's cache-sized pieces and hand-written backward.
+path's cache-sized pieces and hand-written backward; and a window sum of at most 25 taps is a sum
+pool, which inductor fuses too, where eager takes a grouped convolution with a kernel of ones.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ __all__ = [
 
 CONSTANT_TOL = 1e-5
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_SUM_POOL = {2: F.avg_pool2d, 3: F.avg_pool3d}  # with divisor_override=1: a window sum
+_POOL_LOWERED = 25  # inductor lowers pools of at most this many taps to loops it fuses
 _IntOrTuple = int | Sequence[int]
 
 
@@ -224,6 +227,16 @@ def sum_of_squares(x: Tensor, dim: int) -> Tensor:
     return _SumOfSquares.apply(x, dim) if torch.is_grad_enabled() and x.requires_grad else _squares_summed(x, dim)
 
 
+def _poolable(kernel_size: Sequence[int], padding: str | _IntOrTuple, dilation: _IntOrTuple) -> bool:
+    """Whether a sum pool computes this window sum: 2d or 3d, no dilation, integer padding of at
+    most half the kernel (a pool's limits), and few enough taps for inductor to lower it."""
+    dims = len(kernel_size)
+    if dims not in _SUM_POOL or isinstance(padding, str) or math.prod(kernel_size) > _POOL_LOWERED:
+        return False
+    pads_fit = all(2 * p <= k for p, k in zip(_tuple(padding, dims), kernel_size))
+    return pads_fit and all(d == 1 for d in _tuple(dilation, dims))
+
+
 def receptive_field_inverse_norm(
     input: Tensor,
     kernel_size: Sequence[int],
@@ -247,9 +260,13 @@ def receptive_field_inverse_norm(
         if pointwise:
             return list(sums)
         stacked = torch.cat(sums, 1) if len(sums) > 1 else sums[0]
-        ones = stacked.new_ones(stacked.shape[1], 1, *kernel_size)
-        with _CosineMath():
-            window = _CONV[dims](stacked, ones, None, stride, padding, dilation, stacked.shape[1])
+        if torch.compiler.is_compiling() and _poolable(kernel_size, padding, dilation):
+            # Compiled, a small pool is a loop fused with the norm around it; the conv an external call.
+            window = _SUM_POOL[dims](stacked, kernel_size, stride, padding, count_include_pad=True, divisor_override=1)
+        else:
+            ones = stacked.new_ones(stacked.shape[1], 1, *kernel_size)
+            with _CosineMath():
+                window = _CONV[dims](stacked, ones, None, stride, padding, dilation, stacked.shape[1])
         return list(window.split(groups, 1))
 
     with torch.autocast(input.device.type, enabled=False):
