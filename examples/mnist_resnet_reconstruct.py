@@ -73,11 +73,11 @@ def mnist(train_size: int = 4000, test_size: int = 1000) -> tuple[TensorDataset,
 
 
 def train_original(train: TensorDataset, width: int, epochs: int, cache: Path) -> MnistResNet:
+    torch.manual_seed(0)  # the initial weights too
     model = MnistResNet(width)
     if cache.is_file():
         model.load_state_dict(torch.load(cache, weights_only=True))
         return model.eval()
-    torch.manual_seed(0)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     loader = DataLoader(train, 64, shuffle=True, generator=torch.Generator().manual_seed(0))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=epochs * len(loader))
