@@ -22,6 +22,8 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cosconvert.atomic import atomic_write
+
 EXIT_VALIDATION, EXIT_INPUT, EXIT_OUTPUT, EXIT_INTERNAL, EXIT_INCONCLUSIVE, EXIT_INTERRUPT = 1, 2, 3, 4, 5, 130
 COMMANDS = ("run", "convert", "finetune", "export", "validate", "inspect", "demo")
 VALIDATION_BATCHES = (1, 8)  # batch sizes validation feeds (a dynamic batch is checked at two sizes)
@@ -75,9 +77,8 @@ def _out_dir(path: Path) -> Path:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2))
 
 
 def _load(model: str, arch: str | None, arch_kwargs: str | None, trust_pickle: bool):

@@ -29,8 +29,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 from tqdm.auto import tqdm
 
+from cosconvert.atomic import atomic_write, remove_partial
 from cosconvert.calibration import batch_inputs
-from cosconvert.recipe import _atomic_save
 
 __all__ = ["finetune", "distillation_loss", "evaluate"]
 
@@ -121,32 +121,23 @@ def _plot(log: list[dict], path: Path) -> None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlim(0.5, max(epochs) + 0.5)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _write_logs(log: list[dict], folder: Path) -> None:
-    (folder / ".log.json.tmp").write_text(json.dumps(log, indent=2))
-    os.replace(folder / ".log.json.tmp", folder / "log.json")
+    with atomic_write(folder / "log.json") as tmp:
+        tmp.write_text(json.dumps(log, indent=2))
     keys = sorted({k for e in log for k in e}, key=lambda k: (k != "epoch", k))
-    with open(folder / ".log.csv.tmp", "w", newline="") as f:
+    with atomic_write(folder / "log.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, keys)
         writer.writeheader()
         writer.writerows(log)
-    os.replace(folder / ".log.csv.tmp", folder / "log.csv")
     _plot(log, folder / "curves.png")
 
 
-UNFINISHED_WRITES = (".last.pt.*.tmp", ".log.json.tmp", ".log.csv.tmp", ".curves.png.tmp.png")
-
-
-def _remove_unfinished_writes(folder: Path) -> None:
-    """Delete the temporary files of checkpoint and log writes that a killed run never renamed into place."""
-    for pattern in UNFINISHED_WRITES:
-        for path in folder.glob(pattern):
-            path.unlink(missing_ok=True)
+WRITES = ("last.pt", "log.json", "log.csv", "curves.png")  # what a run writes into its checkpoint folder
 
 
 def finetune(
@@ -217,7 +208,7 @@ def finetune(
     start_epoch, skip, epoch_rng, resumed = 0, 0, generator.get_state(), False
     if ckpt is not None and rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
-        _remove_unfinished_writes(folder)
+        remove_partial(folder, WRITES)  # a killed run's unfinished writes
     if resume and ckpt is not None and ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
@@ -232,11 +223,12 @@ def finetune(
     def save(epoch: int, step: int, rng_state: torch.Tensor) -> None:
         if ckpt is None or rank != 0:
             return
-        _atomic_save({
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "epoch": epoch, "step": step, "epoch_generator": rng_state, "torch_rng": torch.get_rng_state(),
-            "log": json.dumps(log),
-        }, ckpt)  # fmt: skip
+        with atomic_write(ckpt) as tmp:
+            torch.save({
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "epoch": epoch, "step": step, "epoch_generator": rng_state, "torch_rng": torch.get_rng_state(),
+                "log": json.dumps(log),
+            }, tmp)  # fmt: skip
 
     for epoch in range(start_epoch, epochs):
         if sampler is not None:

@@ -9,34 +9,22 @@ from __future__ import annotations
 
 import importlib
 import os
-import tempfile
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from cosconvert.atomic import atomic_write
 from cosconvert.convert import convert, report_of
 
 FORMAT = "cosconvert-recipe/1"
-
-
-def _atomic_save(obj, path: Path) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save(converted: nn.Module, path: str | os.PathLike) -> None:
     """Write ``converted``'s recipe and weights to ``path`` (atomically)."""
     settings = dict(report_of(converted).settings)
     state = {k: v.detach().cpu() for k, v in converted.state_dict().items()}
-    _atomic_save({"format": FORMAT, "recipe": settings, "state_dict": state}, Path(path))
+    with atomic_write(path) as tmp:
+        torch.save({"format": FORMAT, "recipe": settings, "state_dict": state}, tmp)
 
 
 def load_recipe(path: str | os.PathLike) -> dict:

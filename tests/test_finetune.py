@@ -106,14 +106,16 @@ def test_resume_after_interrupt_continues_from_the_checkpoint(tmp_path):
 def test_a_new_run_removes_the_unfinished_writes_of_a_killed_one(tmp_path):
     """A run killed while writing its checkpoint leaves the temporary file behind (nothing can
     catch SIGKILL); the next run in that folder deletes such leftovers and nothing else."""
-    leftovers = [".last.pt.t_p9ojju.tmp", ".log.json.tmp", ".log.csv.tmp", ".curves.png.tmp.png"]
-    for name in [*leftovers, "notes.tmp", ".last.pt"]:
+    leftovers = [".last.pt.t_p9ojju.partial", ".log.json.a1b2c3d4.partial", ".log.csv.zz_99xyz.partial",
+                 ".curves.png.qwertyui.partial"]  # fmt: skip
+    for name in [*leftovers, "notes.partial", ".last.pt", ".last.pt.backup.partial", ".mine.pt.t_p9ojju.partial"]:
         (tmp_path / name).write_text("x")
     model = torch.nn.Linear(4, 2)
     finetune(model, TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,))), epochs=1, batch_size=8,
              checkpoint_dir=tmp_path, progress=False)  # fmt: skip
     names = {p.name for p in tmp_path.iterdir()}
-    assert names == {"last.pt", "log.json", "log.csv", "curves.png", "notes.tmp", ".last.pt"}
+    assert names == {"last.pt", "log.json", "log.csv", "curves.png", "notes.partial", ".last.pt",
+                     ".last.pt.backup.partial", ".mine.pt.t_p9ojju.partial"}  # fmt: skip
 
 
 SCRIPT = Path(__file__).parent / "scripts" / "finetune_run.py"

@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import sys
 import tempfile
 import warnings
@@ -33,6 +32,7 @@ from onnx.defs import OpSchema
 from onnxscript.values import Op
 from torch import nn
 
+from cosconvert.atomic import atomic_folder
 from cosconvert.freeze import freeze
 from cosconvert.onnx.functions import DOMAIN, VERSION, cosconvert_domain, function_protos
 
@@ -140,8 +140,7 @@ def _all_nodes(graph: onnx.GraphProto):
 
 def _write(proto: onnx.ModelProto, path: Path, external_above: int = EXTERNAL_DATA_ABOVE) -> None:
     """Write atomically: into a temporary folder beside ``path``, then rename into place."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_folder(path) as tmp:
         large = _weight_bytes(proto) > external_above
         data = f"{path.name}.data"
         onnx.save_model(
@@ -155,8 +154,6 @@ def _write(proto: onnx.ModelProto, path: Path, external_above: int = EXTERNAL_DA
         if (tmp / data).exists():
             os.replace(tmp / data, path.parent / data)
         os.replace(tmp / path.name, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _weight_bytes(proto: onnx.ModelProto) -> int:
