@@ -341,7 +341,6 @@ def _mse(out, target) -> Tensor:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def _mean_loss(block: nn.Module, captured, targets, autocast) -> float:
     total = 0.0
     for (args, kwargs), target in zip(captured, targets):
