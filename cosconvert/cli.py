@@ -267,7 +267,8 @@ def step_convert(run: Run) -> None:
     from cosconvert.calibration import batch_inputs
 
     args = run.args
-    if args.reconstruct and run.data is None:
+    blocks = [b.strip() for b in args.reconstruct_blocks.split(",")] if args.reconstruct_blocks else "auto"
+    if (args.reconstruct or blocks != "auto") and run.data is None:
         raise CliError("--reconstruct needs --data (inputs to reconstruct on; labels are not needed)")
     run.say("converting" + (" and calibrating" if run.data is not None else ""))
     device = _device_of(run.original)
@@ -280,9 +281,14 @@ def step_convert(run: Run) -> None:
     run.say.note(report.summary())
     if report.calibration:
         run.say.note(f"calibration: {report.calibration['before']} -> {report.calibration['after']}")
-    if args.reconstruct:
+    if args.reconstruct or blocks != "auto":
         run.say.note("reconstructing block by block")
-        cosconvert.reconstruct(run.converted, run.original, run.data, verbose=not args.quiet)
+        try:
+            cosconvert.reconstruct(run.converted, run.original, run.data, blocks=blocks, verbose=not args.quiet)
+        except ValueError as err:
+            if blocks == "auto":
+                raise
+            raise CliError(f"--reconstruct-blocks: {err}") from err
     _measure(run, "before")
     cosconvert.save(run.converted, run.recipe)
     run.wrote(run.recipe)
@@ -574,6 +580,9 @@ def _add_conversion(p: argparse.ArgumentParser, reconstruct: bool = False) -> No
     if reconstruct:
         g.add_argument("--reconstruct", action="store_true", help="after calibrating, train each block to give the "
                        "original's activations on up to 512 inputs of --data (no labels needed)")  # fmt: skip
+        g.add_argument("--reconstruct-blocks", metavar="NAMES", help="reconstruct these blocks, comma-separated "
+                       "module names of the original (e.g. conv1,layer1,layer2,layer3,layer4,fc), instead of the "
+                       "residual blocks and transformer layers it finds; implies --reconstruct")  # fmt: skip
 
 
 def _add_inputs(p: argparse.ArgumentParser, data: bool = True) -> None:

@@ -204,3 +204,28 @@ def test_cli_reconstruct_without_data_is_one_line_exit_2(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "cosconvert: error: --reconstruct needs --data (inputs to reconstruct on; labels are not needed)"
     ]
+
+
+@pytest.mark.slow
+def test_cli_reconstructs_the_blocks_it_is_given(tmp_path):
+    """--reconstruct-blocks names the blocks (and implies --reconstruct); a name the model lacks is one
+    line, exit 2."""
+    from cosconvert.demo import DigitsCNN
+
+    torch.save(DigitsCNN().state_dict(), tmp_path / "d.pt")
+    base = ["convert", tmp_path / "d.pt", "--arch", "cosconvert.demo:DigitsCNN", "--data", "digits", "--quiet"]
+
+    def run(blocks: str, out: str):
+        return subprocess.run([sys.executable, "-m", "cosconvert", *map(str, base), "--reconstruct-blocks", blocks,
+                               "--out-dir", str(tmp_path / out)], capture_output=True, text=True, timeout=600)  # fmt: skip
+
+    proc = run("features.0,features.2, fc", "good")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "good" / "report.json").read_text())
+    section = report["conversion"]["reconstruction"]
+    assert [b["block"] for b in section["blocks"]] == ["features.0", "features.2", "fc"]
+    proc = run("features.0,features.9", "bad")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "cosconvert: error: --reconstruct-blocks: no module named 'features.9' in the converted network"
+    ]
