@@ -96,20 +96,26 @@ def train_original(train: TensorDataset, width: int, epochs: int, cache: Path) -
     return model.eval()
 
 
-def distill_for(model, original, train, seconds: float, batch_size: int = 64) -> int:
+STAGES = ["conv1", "layer1", "layer2", "layer3", "layer4", "fc"]  # --blocks stages: each stage one block
+
+
+def distill_for(model, original, train, seconds: float, batch_size: int = 64, **kwargs) -> int:
     """Distillation (finetune with the original as teacher) on as many training images as fit in
     ``seconds`` (whole epochs, then part of one), with the throughput measured on a short run of a
-    copy first. Returns the images used."""
+    copy first, after a warm-up run (whose one-off costs made the budget come out short). Returns
+    the images used."""
     probe = copy.deepcopy(model)
+    finetune(probe, Subset(train, range(2 * batch_size)), teacher=original, epochs=1, verbose=False, **kwargs)
     started = time.perf_counter()
-    finetune(probe, Subset(train, range(4 * batch_size)), teacher=original, epochs=1, verbose=False)
-    rate = 4 * batch_size / (time.perf_counter() - started)
+    finetune(probe, Subset(train, range(8 * batch_size)), teacher=original, epochs=1, verbose=False, **kwargs)
+    rate = 8 * batch_size / (time.perf_counter() - started)
     images = max(batch_size, int(rate * seconds))
     epochs, rest = divmod(images, len(train))
     if epochs:  # whole epochs, then the rest as a partial one
-        finetune(model, train, teacher=original, epochs=epochs, batch_size=batch_size, verbose=False)
+        finetune(model, train, teacher=original, epochs=epochs, batch_size=batch_size, verbose=False, **kwargs)
     if rest >= batch_size:
-        finetune(model, Subset(train, range(rest)), teacher=original, epochs=1, batch_size=batch_size, verbose=False)
+        finetune(model, Subset(train, range(rest)), teacher=original, epochs=1, batch_size=batch_size, verbose=False,
+                 **kwargs)  # fmt: skip
     return images
 
 
@@ -134,9 +140,12 @@ def run(args) -> dict:
         base = cosconvert.convert(original, strip_norms=strip, calibration_data=calibration)
         rows["calibration alone"] = measure(base, original, test)
         rec = copy.deepcopy(base)
+        blocks = STAGES if args.blocks == "stages" else args.blocks.split(",") if "," in args.blocks else args.blocks
+        torch.manual_seed(args.seed)  # reconstruct's batch order
         started = time.perf_counter()
-        log = reconstruct(rec, original, unlabeled, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                          max_samples=args.samples, train=args.train, verbose=args.verbose)  # fmt: skip
+        log = reconstruct(rec, original, unlabeled, blocks=blocks, steps=args.steps, lr=args.lr,
+                          batch_size=args.batch_size, max_samples=args.samples, train=args.train,
+                          verbose=args.verbose)  # fmt: skip
         seconds = time.perf_counter() - started
         rows[f"reconstruct ({args.samples} unlabeled images)"] = {
             **measure(rec, original, test),
@@ -147,18 +156,19 @@ def run(args) -> dict:
         result["strip"][strip] = entry
         if args.quick:
             continue
+        distill = {"temperature": args.temperature, "seed": args.seed}
         same = copy.deepcopy(base)
         started = time.perf_counter()
-        images = distill_for(same, original, train, seconds)
+        images = distill_for(same, original, train, seconds, **distill)
         rows[f"distillation alone, same wall-clock ({images} images)"] = {
             **measure(same, original, test), "seconds": round(time.perf_counter() - started)}  # fmt: skip
         started = time.perf_counter()
-        finetune(rec, train, teacher=original, epochs=1, lr=args.tune_lr, verbose=False)
+        finetune(rec, train, teacher=original, epochs=1, lr=args.tune_lr, verbose=False, **distill)
         rows["reconstruct + 1 epoch distillation"] = {
             **measure(rec, original, test), "seconds": round(seconds + time.perf_counter() - started)}  # fmt: skip
         five = copy.deepcopy(base)
         started = time.perf_counter()
-        finetune(five, train, teacher=original, epochs=5, verbose=False)
+        finetune(five, train, teacher=original, epochs=5, verbose=False, **distill)
         rows["5 epochs distillation alone"] = {
             **measure(five, original, test),
             "seconds": round(time.perf_counter() - started),
@@ -214,6 +224,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--tune-lr", type=float, default=1e-4,
                         help="lr of the distillation epoch after reconstruct, which starts near the original")  # fmt: skip
+    parser.add_argument("--blocks", default="auto",
+                        help="reconstruct's blocks: auto (layerN.M), stages (conv1, layerN, fc) or comma-separated names")  # fmt: skip
+    parser.add_argument("--temperature", type=float, default=4.0, help="every distillation's softmax temperature")
+    parser.add_argument("--seed", type=int, default=0, help="reconstruct's and distillation's batch order")
     parser.add_argument("--train", default="all", choices=("all", "affine"))
     parser.add_argument("--strip", nargs="+", default=["fold", "drop"], choices=("fold", "drop"))
     parser.add_argument("--quick", action="store_true", help="only calibration and reconstruct (no distillation)")
