@@ -106,9 +106,10 @@ def distill_for(model, original, train, seconds: float, batch_size: int = 64, **
     the images used."""
     probe = copy.deepcopy(model)
     finetune(probe, Subset(train, range(2 * batch_size)), teacher=original, epochs=1, verbose=False, **kwargs)
+    timed = min(8 * batch_size, len(train))
     started = time.perf_counter()
-    finetune(probe, Subset(train, range(8 * batch_size)), teacher=original, epochs=1, verbose=False, **kwargs)
-    rate = 8 * batch_size / (time.perf_counter() - started)
+    finetune(probe, Subset(train, range(timed)), teacher=original, epochs=1, verbose=False, **kwargs)
+    rate = timed / (time.perf_counter() - started)
     images = max(batch_size, int(rate * seconds))
     epochs, rest = divmod(images, len(train))
     if epochs:  # whole epochs, then the rest as a partial one
