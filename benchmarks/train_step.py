@@ -1,6 +1,6 @@
 """Training-step time of converted resnet18 relative to the original, side by side (CPU, float32).
 
-    python benchmarks/train_step.py [--batch 8] [--size 112] [--repeat 5]
+python benchmarks/train_step.py [--batch 8] [--size 112] [--repeat 5]
 """
 
 import argparse

@@ -464,7 +464,9 @@ def cmd_validate(args) -> int:
     run.onnx_path = path
     run.reference = Path(args.reference) if args.reference else path.with_name("converted.pt")
     if not run.reference.is_file():
-        raise CliError(f"no converted model at {run.reference}: give the converted.pt {path.name} came from with --reference")
+        raise CliError(
+            f"no converted model at {run.reference}: give the converted.pt {path.name} came from with --reference"
+        )
     step_restore(run)
     return step_finish(run, step_validate(run))
 
@@ -515,7 +517,9 @@ def cmd_demo(args) -> int:
                                        metadata={"source": "cosconvert demo: DigitsCNN trained on digits"})  # fmt: skip
     say("validating: fidelity to the original, and the ONNX file against PyTorch")
     evaluated_on = f"digits test split ({len(test_x)} samples)"
-    report = cosconvert.validate(onnx_path, converted, [test_x[:1], test_x], original=original, inputs_name=evaluated_on)
+    report = cosconvert.validate(
+        onnx_path, converted, [test_x[:1], test_x], original=original, inputs_name=evaluated_on
+    )
     files = sorted(str(p) for p in (out / "checkpoints").iterdir() if not p.name.startswith("."))
     summary = {
         "evaluated_on": evaluated_on,
@@ -564,7 +568,9 @@ def _add_source(p: argparse.ArgumentParser, positional: bool = True) -> None:
         )
     g.add_argument("--arch", help="what builds the network for a state_dict: timm:NAME, torchvision:NAME, "
                    "transformers:CLASS (config fields from --arch-kwargs), module:callable or file.py:Class")  # fmt: skip
-    g.add_argument("--arch-kwargs", help="JSON keyword arguments (or config fields) for --arch, e.g. '{\"num_classes\": 10}'")
+    g.add_argument(
+        "--arch-kwargs", help="JSON keyword arguments (or config fields) for --arch, e.g. '{\"num_classes\": 10}'"
+    )
     g.add_argument("--trust-pickle", action="store_true", help="allow unpickling a whole nn.Module (runs code: trusted files only)")  # fmt: skip
 
 

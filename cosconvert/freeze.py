@@ -46,7 +46,9 @@ def _prenormalize_grafted(module: nn.Module) -> None:
     """A submodule running a converted graph as its forward (a ``StdConv2d`` keeps its class): its
     graph traced again, prenormalized, and grafted back, so its weight transform runs here once,
     not in the exported graph."""
-    tracer = Tracer(autowrap_functions=tuple(f for f in vars(CF).values() if getattr(f, "__module__", "") == CF.__name__))
+    tracer = Tracer(
+        autowrap_functions=tuple(f for f in vars(CF).values() if getattr(f, "__module__", "") == CF.__name__)
+    )
     try:
         gm = fx.GraphModule(module, tracer.trace(module), type(module).__name__)
     except Exception:  # noqa: BLE001 - untraceable: it keeps normalizing its weight on each call, still right

@@ -202,9 +202,7 @@ def case(family: str, name: str):
     return liven(model).eval(), inputs
 
 
-CASES = (
-    [("timm", n) for n in TIMM] + [("transformers", n) for n in HF] + [("torchvision", n) for n in TORCHVISION]
-)
+CASES = [("timm", n) for n in TIMM] + [("transformers", n) for n in HF] + [("torchvision", n) for n in TORCHVISION]
 
 
 # -- comparison ------------------------------------------------------------------------------------
@@ -226,9 +224,7 @@ def rel_error(out, ref) -> float:
     outs, refs = leaves(out), leaves(ref)
     assert [t.shape for t in outs] == [t.shape for t in refs], "outputs differ in shape from the reference's"
     assert refs, "the model returned no floating tensor"
-    return max(
-        float((o.double() - r).abs().max() / r.abs().max().clamp_min(1e-30)) for o, r in zip(outs, refs)
-    )
+    return max(float((o.double() - r).abs().max() / r.abs().max().clamp_min(1e-30)) for o, r in zip(outs, refs))
 
 
 def skipped_modules(model: nn.Module, report) -> list[str]:
@@ -296,7 +292,6 @@ def check_faithful(family: str, name: str, row: dict) -> None:
     row["ok"] = True
 
 
-
 # -- ONNX ------------------------------------------------------------------------------------------
 
 # Conv2dSame, StdConv, a ViT, GPT-2 (Conv1D), BERT with dynamic batch and sequence length.
@@ -356,6 +351,7 @@ def test_onnx_export_validates(family, name, tmp_path):
             row["rel"] = max(row.get("rel", 0.0), rel_error(torch.from_numpy(out), ref))
         assert row["rel"] < REL_TOL, f"onnxruntime against the reference: rel error {row['rel']:.2e}"
         row["ok"] = True
+
 
 @pytest.mark.slow
 def test_onnx_zero_pad_then_maxpool_stays_exact_on_onnxruntime(tmp_path):

@@ -112,7 +112,9 @@ def test_fidelity_to_the_original_is_measured_apart_from_parity(tmp_path):
         a, b = converted(x).double(), original(x).double()
     cosine = torch.nn.functional.cosine_similarity(a, b, dim=1).mean().item()
     assert report.fidelity["cosine"] == pytest.approx(cosine, abs=1e-6)
-    assert report.fidelity["top1_agreement"] == pytest.approx(100.0 * (a.argmax(1) == b.argmax(1)).double().mean().item())
+    assert report.fidelity["top1_agreement"] == pytest.approx(
+        100.0 * (a.argmax(1) == b.argmax(1)).double().mean().item()
+    )
     assert report.fidelity["max_rel_error"] == pytest.approx(((a - b).abs().max() / b.abs().max()).item(), rel=1e-6)
     assert report.passed and report.results[0].cosine > 0.99999 > report.fidelity["cosine"]
 

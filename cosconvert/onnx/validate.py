@@ -267,9 +267,7 @@ def _arrays(inputs: list, file_names: list[str] | None = None) -> tuple[list[str
             "give one tensor per input of the file, named as the file names it"
         )
     names = file_names if names is not None else None
-    batches = [
-        [b[n] for n in names] if names else list(b if isinstance(b, (tuple, list)) else (b,)) for b in inputs
-    ]
+    batches = [[b[n] for n in names] if names else list(b if isinstance(b, (tuple, list)) else (b,)) for b in inputs]
     return names, [[t.detach().cpu().numpy() for t in batch] for batch in batches]
 
 
