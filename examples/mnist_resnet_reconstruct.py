@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import time
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 from torchvision.models.resnet import BasicBlock
 
 import cosconvert
+from cosconvert.atomic import atomic_write
 from cosconvert.finetune import evaluate, finetune
 from cosconvert.reconstruct import reconstruct
 
@@ -90,9 +90,8 @@ def train_original(train: TensorDataset, width: int, epochs: int, cache: Path) -
             opt.step()
             sched.step()
         print(f"original: epoch {epoch + 1}/{epochs} loss {loss.item():.4f}", flush=True)
-    tmp = cache.with_name(f".{cache.name}.tmp")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, cache)
+    with atomic_write(cache) as tmp:
+        torch.save(model.state_dict(), tmp)
     return model.eval()
 
 
@@ -141,7 +140,7 @@ def run(args) -> dict:
         base = cosconvert.convert(original, strip_norms=strip, calibration_data=calibration)
         rows["calibration alone"] = measure(base, original, test)
         rec = copy.deepcopy(base)
-        blocks = STAGES if args.blocks == "stages" else args.blocks.split(",") if "," in args.blocks else args.blocks
+        blocks = {"auto": "auto", "stages": STAGES}.get(args.blocks) or args.blocks.split(",")
         torch.manual_seed(args.seed)  # reconstruct's batch order
         started = time.perf_counter()
         log = reconstruct(rec, original, unlabeled, blocks=blocks, steps=args.steps, lr=args.lr,
@@ -205,9 +204,8 @@ def write(result: dict, out: Path, command: str) -> None:
     for path, write_fn in ((out / "reconstruction_loss.png", lambda p: fig.savefig(p, dpi=100, format="png")),
                            (out / "reconstruction_table.md", lambda p: p.write_text("\n".join(lines) + "\n")),
                            (out / "reconstruction.json", lambda p: p.write_text(json.dumps(result, indent=2, default=str)))):  # fmt: skip
-        tmp = path.with_name(f".{path.name}.tmp")
-        write_fn(tmp)
-        os.replace(tmp, path)
+        with atomic_write(path) as tmp:
+            write_fn(tmp)
     plt.close(fig)
     print("\n".join(lines))
 

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from cosconvert.atomic import atomic_write
 from cosconvert.nn import CosineConv2d, CosineLinear
 
 METHODS = ["base", "batch norm", "weight norm", "layer norm", "cosine", "centered cosine"]
@@ -489,15 +490,13 @@ def _pyplot():
 
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=60)
-    tmp.replace(path)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=60, format="png")
 
 
 def _write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
 
 
 def main() -> None:
