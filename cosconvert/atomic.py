@@ -52,14 +52,11 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def remove_partial(folder: str | os.PathLike, names: Iterable[str]) -> list[Path]:
-    """Delete the temporaries that unfinished writes of the files ``names`` left in ``folder``;
-    returns them."""
+    """Delete the temporary files that unfinished :func:`atomic_write` calls for the files ``names``
+    left in ``folder``; returns them."""
     removed = []
     for name in names:
         for tmp in Path(folder).glob(f".{glob.escape(name)}.{_RANDOM}{SUFFIX}"):
-            if tmp.is_dir():
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                tmp.unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed

@@ -268,7 +268,8 @@ def step_convert(run: Run) -> None:
 
     args = run.args
     blocks = [b.strip() for b in args.reconstruct_blocks.split(",")] if args.reconstruct_blocks else "auto"
-    if (args.reconstruct or blocks != "auto") and run.data is None:
+    reconstructing = args.reconstruct or blocks != "auto"  # --reconstruct-blocks implies --reconstruct
+    if reconstructing and run.data is None:
         raise CliError("--reconstruct needs --data (inputs to reconstruct on; labels are not needed)")
     run.say("converting" + (" and calibrating" if run.data is not None else ""))
     device = _device_of(run.original)
@@ -281,7 +282,7 @@ def step_convert(run: Run) -> None:
     run.say.note(report.summary())
     if report.calibration:
         run.say.note(f"calibration: {report.calibration['before']} -> {report.calibration['after']}")
-    if args.reconstruct or blocks != "auto":
+    if reconstructing:
         run.say.note("reconstructing block by block")
         try:
             cosconvert.reconstruct(run.converted, run.original, run.data, blocks=blocks, verbose=not args.quiet)
