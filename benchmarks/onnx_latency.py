@@ -31,6 +31,22 @@ def session(path: Path) -> tuple[ort.InferenceSession, int]:
     return s, len(onnx.load(options.optimized_model_filepath).graph.node)
 
 
+def export_pair(name: str, folder: Path, dynamic_batch: bool = True) -> tuple[Path, Path]:
+    """torchvision ``name`` (seed 0) exported with its BatchNorms, and its cosine twin with
+    ``strip_norms="fold"``, for (N, 3, 224, 224) inputs: the two files."""
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name).eval()
+    example = torch.randn(1, 3, 224, 224)
+    plain_path = folder / f"{name}.onnx"
+    dynamic = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+    with contextlib.redirect_stdout(io.StringIO()):  # the exporter's progress lines
+        torch.onnx.export(model, (example,), plain_path, dynamo=True, dynamic_shapes=dynamic)
+    cos_path = cosconvert.export_onnx(
+        cosconvert.convert(model, strip_norms="fold"), example, folder / f"{name}-cos.onnx"
+    )
+    return plain_path, cos_path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=20)
@@ -39,16 +55,7 @@ def main() -> None:
     print(f"{'model':20} {'batch':>5} {'original ms':>12} {'cosine ms':>10} {'ratio':>6}  nodes run (original, cosine)")
     with tempfile.TemporaryDirectory() as tmp:
         for name in ["resnet18", "mobilenet_v3_small", "efficientnet_b0"]:
-            torch.manual_seed(0)
-            model = torchvision.models.get_model(name).eval()
-            converted = cosconvert.convert(model, strip_norms="fold")
-            example = torch.randn(1, 3, 224, 224)
-            plain_path = Path(tmp) / f"{name}.onnx"
-            with contextlib.redirect_stdout(io.StringIO()):  # the exporter's progress lines
-                torch.onnx.export(
-                    model, (example,), plain_path, dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},)
-                )
-            cos_path = cosconvert.export_onnx(converted, example, Path(tmp) / f"{name}-cos.onnx")
+            plain_path, cos_path = export_pair(name, Path(tmp))
             (plain, plain_nodes), (cos, cos_nodes) = session(plain_path), session(cos_path)
             for batch in [1, 16]:
                 x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)

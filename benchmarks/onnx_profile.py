@@ -10,19 +10,14 @@ time per run summed by op type.
 
 import argparse
 import collections
-import contextlib
-import io
 import json
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-import torch
-import torchvision
 from _timing import compare
-
-import cosconvert
+from onnx_latency import export_pair
 
 
 def kernel_ms(path: Path, threads: int, runs: int, x: np.ndarray) -> tuple[float, dict[str, float]]:
@@ -52,16 +47,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--runs", type=int, default=25, help="profiled runs")
     args = parser.parse_args()
-    torch.manual_seed(0)
-    model = torchvision.models.get_model(args.model).eval()
-    example = torch.randn(1, 3, 224, 224)
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
     print(f"onnxruntime {ort.__version__}, {args.model}, batch 1, kernel ms per run by op type\n")
     with tempfile.TemporaryDirectory() as tmp:
-        plain_path, cos_path = Path(tmp) / "original.onnx", Path(tmp) / "converted.onnx"
-        with contextlib.redirect_stdout(io.StringIO()):  # the exporter's progress lines
-            torch.onnx.export(model, (example,), plain_path, dynamo=True)
-        cosconvert.export_onnx(cosconvert.convert(model, strip_norms="fold"), example, cos_path)
+        plain_path, cos_path = export_pair(args.model, Path(tmp), dynamic_batch=False)
         for threads in args.threads:
             plain_wall, plain = kernel_ms(plain_path, threads, args.runs, x)
             cos_wall, cos = kernel_ms(cos_path, threads, args.runs, x)
