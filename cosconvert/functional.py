@@ -91,6 +91,14 @@ class _CosineMath:
             _IN_COSINE_MATH.reset(self._token)
 
 
+def _exporting() -> bool:
+    """Whether ``torch.export`` is tracing (then each layer becomes one ``cosconvert`` op). Reads
+    the flag behind ``torch.compiler.is_exporting()``: dynamo in torch 2.11 (at least) folds that call
+    to True under plain ``torch.compile`` too, which sent compiled training into ops with no backward."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else flag
+
+
 def in_cosine_math() -> bool:
     """True inside the cosine math's own conv/linear calls."""
     return _compiled_depth > 0 if torch.compiler.is_compiling() else _IN_COSINE_MATH.get()
@@ -173,7 +181,7 @@ def _scales_output(weight: Tensor, centered: bool) -> bool:
     Not for the centered form (``w_c . x`` must stay ``w_c . x_c``, which a raw weight loses), nor
     for half types (a raw weight's products may overflow where a unit one's cannot), nor under
     export (whose op takes the normalized weight)."""
-    return not centered and weight.dtype in (torch.float32, torch.float64) and not torch.compiler.is_exporting()
+    return not centered and weight.dtype in (torch.float32, torch.float64) and not _exporting()
 
 
 def _tuple(value: _IntOrTuple, dims: int) -> tuple[int, ...]:
@@ -360,7 +368,7 @@ def conv_normalized(
     Under ``torch.export`` it is one ``cosconvert::conv_normalized`` op, which ONNX export turns
     into one ``cosconvert.CosineConv`` node."""
     dims = weight.dim() - 2
-    if torch.compiler.is_exporting():
+    if _exporting():
         weight = _fold_unit_scale(weight, unit_scale)
         input, pads = _explicit_padding(input, weight, padding, dilation)
         bias = weight.new_zeros(weight.shape[0]) if bias is None else bias
@@ -415,7 +423,7 @@ def linear_normalized(
     """The cosine linear layer for a weight already through :func:`normalize_weight`, or for the raw
     weight given ``unit_scale`` (as in :func:`conv_normalized`); one ``cosconvert::linear_normalized``
     op under ``torch.export``."""
-    if torch.compiler.is_exporting():
+    if _exporting():
         weight = _fold_unit_scale(weight, unit_scale)
         bias = weight.new_zeros(weight.shape[0]) if bias is None else bias
         return torch.ops.cosconvert.linear_normalized(input, weight, bias, centered, eps)

@@ -201,3 +201,11 @@ def test_vit_b_16_compiles_whole():
     attention = converted.get_submodule("encoder.layers.encoder_layer_0.self_attention")
     assert isinstance(attention, CosineMultiheadAttention)
     check_compiled(converted, torch.randn(2, 3, 32, 32))
+
+
+def test_compiles_where_dynamo_folds_is_exporting_to_true(monkeypatch):
+    """torch 2.11's dynamo answers ``torch.compiler.is_exporting()`` with True under plain torch.compile;
+    the layers must still take their compiled path (with a backward), not the export op (which has none)."""
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: torch.compiler.is_compiling())
+    model = cosconvert.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)))
+    check_compiled(model, torch.randn(2, 3, 8, 8))
