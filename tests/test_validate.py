@@ -159,3 +159,40 @@ def test_python_calls_print_nothing_unless_asked(tmp_path, capfd):
     assert out == "" and err == "", (out, err)
     cosconvert.export_onnx(converted, torch.randn(1, 16), tmp_path / "m.onnx", verbose=True)
     assert "torch.onnx" in "".join(capfd.readouterr())  # what verbose=True shows
+
+
+def test_gpu_provider_probe_loads_in_the_installed_onnxruntime():
+    """``providers="auto"`` keeps a GPU provider only if a probe file loads on it. A probe that this
+    onnxruntime cannot read (onnx 1.23 writes IR 14; onnxruntime 1.31 reads up to 13) made every GPU
+    provider look absent, so validation ran on the CPU alone. Loaded here on the CPU provider."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from cosconvert.onnx.validate import _probe_model
+
+    session = ort.InferenceSession(_probe_model(), providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {"x": np.array([-2.0], dtype=np.float32)})
+    assert y.tolist() == [0.0]
+
+
+def test_reference_is_computed_without_tf32():
+    """On CUDA, PyTorch's convs default to TF32 (10 mantissa bits), which put mobilenet_v3_small's float32
+    reference 1.5e-2 off onnxruntime's float32 on an H100 (docs/gpu_check.md). The reference turns TF32 off
+    for its own forward and restores the user's settings after."""
+    from cosconvert.onnx.validate import _torch_outputs
+
+    seen = []
+
+    class Spy(nn.Linear):
+        def forward(self, x):
+            seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+            return super().forward(x)
+
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        _torch_outputs(Spy(3, 2), [torch.randn(1, 3).numpy()])
+        assert seen == [(False, False)]
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

@@ -26,12 +26,14 @@ output in the runtime is compared with PyTorch's :func:`cosconvert.functional.co
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -130,18 +132,25 @@ class ValidationReport:
         return "\n".join(lines)
 
 
+def _probe_model() -> bytes:
+    """A one-node file (Relu) that any onnxruntime since 1.14 loads: onnx's newest IR version is
+    often newer than the installed runtime reads, which would make every provider look absent."""
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
+    return onnx.helper.make_model(
+        graph, ir_version=8, opset_imports=[onnx.helper.make_opsetid("", 17)]
+    ).SerializeToString()
+
+
 def _provider_loads(provider: str) -> bool:
     """Whether ``provider`` really runs here (onnxruntime-gpu lists CUDA even without a GPU)."""
     if not torch.cuda.is_available():
         return False
-    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
-    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
-    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
     options = ort.SessionOptions()
     options.log_severity_level = 4
     try:
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=[provider])
+        session = ort.InferenceSession(_probe_model(), options, providers=[provider])
     except Exception:  # noqa: BLE001 - any failure means the provider cannot load
         return False
     return provider in session.get_providers()
@@ -174,6 +183,8 @@ def _random_inputs(proto: onnx.ModelProto, batch_sizes: list[int]) -> list[list[
 
 def _session(path: str, provider: str, options: ort.SessionOptions | None = None) -> ort.InferenceSession:
     providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    if provider == "CUDAExecutionProvider":  # its MatMul and Conv default to TF32, 10 mantissa bits: not float32
+        providers[0] = (provider, {"use_tf32": "0"})
     options = options or ort.SessionOptions()
     options.log_severity_level = 3  # errors only: its warnings are not the user's business
     return ort.InferenceSession(path, options, providers=providers)
@@ -271,13 +282,27 @@ def _arrays(inputs: list, file_names: list[str] | None = None) -> tuple[list[str
     return names, [[t.detach().cpu().numpy() for t in batch] for batch in batches]
 
 
+@contextlib.contextmanager
+def _float32_exact() -> Iterator[None]:
+    """PyTorch's CUDA convs (and matmuls, where enabled) without TF32: the reference is float32's own."""
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
 @torch.no_grad()
 def _torch_outputs(model: nn.Module, arrays: list[np.ndarray], names: list[str] | None = None) -> list[np.ndarray]:
     """The model's outputs (float64 numpy) on numpy inputs, float inputs cast to the model's own device and
     dtype; passed by keyword when ``names`` are given, else by position."""
     param = next(model.parameters(), torch.empty(0))
     inputs = [torch.from_numpy(a).to(param.device, param.dtype if a.dtype.kind == "f" else None) for a in arrays]
-    leaves = torch.utils._pytree.tree_leaves(model(**dict(zip(names, inputs))) if names else model(*inputs))
+    with _float32_exact():
+        outputs = model(**dict(zip(names, inputs))) if names else model(*inputs)
+    leaves = torch.utils._pytree.tree_leaves(outputs)
     return [t.double().cpu().numpy() for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
