@@ -324,3 +324,17 @@ def test_unit_scale_survives_export(tmp_path):
         pooled = cosine_reference(x.double(), model.conv.double(), None, 1, 1).mean((2, 3))
         expected = linear_reference(pooled, model.linear.double())
     np.testing.assert_allclose(out, expected.numpy(), atol=1e-5, rtol=0)
+
+
+def test_exports_from_a_source_checkout_that_is_not_installed(tmp_path, monkeypatch):
+    """Run from a checkout on PYTHONPATH (as on a GPU machine with no package index), cosconvert has no
+    installed metadata: the file says so instead of the export failing on the version lookup."""
+    import importlib.metadata
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    path = cosconvert.export_onnx(cosconvert.convert(nn.Linear(4, 3)), torch.randn(1, 4), tmp_path / "m.onnx")
+    meta = {p.key: p.value for p in onnx.load(path).metadata_props}
+    assert meta["cosconvert_version"] == "unknown (not installed)"

@@ -282,9 +282,17 @@ def _settings(model: nn.Module) -> dict:
     return dict(report.settings) if report is not None else {}
 
 
+def _version() -> str:
+    """The installed cosconvert's version; a source checkout on ``PYTHONPATH`` has no metadata."""
+    try:
+        return importlib.metadata.version("cosconvert")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def _set_metadata(proto: onnx.ModelProto, model: nn.Module, fp16: bool, inline: bool, extra: Mapping) -> None:
     props = {
-        "cosconvert_version": importlib.metadata.version("cosconvert"),
+        "cosconvert_version": _version(),
         "conversion_settings": json.dumps(_settings(model), default=str, sort_keys=True),
         "export_settings": json.dumps({"fp16": fp16, "inline": inline}),
         **{k: str(v) for k, v in extra.items()},
