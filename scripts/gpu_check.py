@@ -1,22 +1,30 @@
 """Export and validate the reference models on the GPU execution providers, fp32 and fp16.
 
-    python scripts/gpu_check.py [--out docs/gpu_check.md]
+    python scripts/gpu_check.py [--out docs/gpu_check.md] [--models resnet18 ...]
 
 Needs a CUDA GPU with onnxruntime-gpu's CUDA (and, if installed, TensorRT) provider.
-Writes a Markdown table (and JSON beside it) naming the GPU.
+Writes a Markdown table (and JSON beside it) naming the GPU, with three checks per model:
+
+- ONNX parity on each GPU provider (``cosconvert.validate``), fp32 and fp16 files;
+- how many of the file's nodes onnxruntime ran on that provider, from its profiler, so a "pass" is
+  known to have run on the GPU and not on onnxruntime's CPU fallback;
+- PyTorch itself on CUDA in fp16 and bf16 against the same model in float64 on the CPU.
 """
 
 import argparse
 import json
 import subprocess
 import tempfile
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
 import torch
 import torchvision
 
 import cosconvert
-from cosconvert.onnx.validate import available_providers
+from cosconvert.onnx.validate import GPU_PROVIDERS, available_providers
 
 MODELS = {"resnet18": 224, "mobilenet_v3_small": 224, "efficientnet_b0": 224, "vit_b_16": 224}
 
@@ -29,39 +37,92 @@ def gpu_name() -> str:
         return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
 
 
+def placement(path: Path, provider: str, x: np.ndarray) -> str:
+    """How many of the nodes onnxruntime ran for one input were on ``provider``, and which ran elsewhere,
+    read from its profiler (so a "pass" is known to have run on the GPU, not on the CPU fallback)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.enable_profiling = True
+    options.profile_file_prefix = str(path.with_suffix(""))
+    session = ort.InferenceSession(str(path), options, providers=[provider, "CPUExecutionProvider"])
+    session.run(None, {session.get_inputs()[0].name: x})
+    events = json.loads(Path(session.end_profiling()).read_text())
+    nodes = {e["name"]: e["args"] for e in events if e.get("cat") == "Node" and "provider" in e.get("args", {})}
+    elsewhere = Counter(a["op_name"] for a in nodes.values() if a["provider"] != provider)
+    on = len(nodes) - sum(elsewhere.values())
+    return f"{on}/{len(nodes)}" + (
+        "" if not elsewhere else " (CPU: " + ", ".join(f"{k} {v}" for k, v in elsewhere.items()) + ")"
+    )
+
+
+def torch_precision(model: torch.nn.Module, x: torch.Tensor) -> list[dict]:
+    """The converted model on CUDA in fp16 and bf16 against float64 on the CPU: max rel error, top-1 %."""
+    with torch.no_grad():
+        reference = model.double().cpu()(x.double())
+        rows = []
+        for dtype in (torch.float16, torch.bfloat16):
+            out = model.to("cuda", dtype)(x.to("cuda", dtype)).double().cpu()
+            rel = ((out - reference).abs().max() / reference.abs().max()).item()
+            top1 = (out.argmax(1) == reference.argmax(1)).double().mean().item() * 100
+            rows.append({"dtype": str(dtype).removeprefix("torch."), "max_rel": rel, "top1": top1,
+                         "finite": bool(out.isfinite().all())})  # fmt: skip
+        model.float()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="docs/gpu_check.md")
+    parser.add_argument("--models", nargs="*", default=list(MODELS))
+    parser.add_argument("--providers", nargs="*", help="default: the GPU providers that load (a dry run: CPU...)")
     args = parser.parse_args()
-    providers = [p for p in available_providers("auto") if p != "CPUExecutionProvider"]
+    listed = ort.get_available_providers()
+    providers = args.providers or [p for p in available_providers("auto") if p != "CPUExecutionProvider"]
     if not providers:
         raise SystemExit("no GPU execution provider loads here: run this on a machine with a CUDA GPU")
-    rows = []
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows, precision = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, size in MODELS.items():
+        for name in args.models:
+            size = MODELS[name]
             torch.manual_seed(0)
-            model = cosconvert.convert(torchvision.models.get_model(name).eval(), strip_norms="fold").cuda()
-            x = torch.randn(1, 3, size, size, device="cuda")
+            original = torchvision.models.get_model(name).eval()
+            for w in original.parameters():  # vit_b_16's head starts at zero: every output would be 0
+                if w.dim() > 1 and not w.any():
+                    torch.nn.init.normal_(w, std=0.02)
+            model = cosconvert.convert(original, strip_norms="fold").to(device)
+            x = torch.randn(1, 3, size, size, device=device)
             inputs = [torch.randn(b, 3, size, size) for b in (1, 8)]
             for fp16 in (False, True):
                 path = cosconvert.export_onnx(model, x, Path(tmp) / f"{name}-{fp16}.onnx", fp16=fp16)
                 reference = model.half() if fp16 else model.float()
-                batches = [t.cuda().half() if fp16 else t.cuda() for t in inputs]
+                batches = [t.to(device, torch.float16 if fp16 else torch.float32) for t in inputs]
                 report = cosconvert.validate(path, reference, batches, providers=providers)
                 for r in report.results:
-                    rows.append({"model": name, "dtype": report.dtype, **r.__dict__})
+                    rows.append({"model": name, "dtype": report.dtype, "status": report.status,
+                                 "nodes_on_provider": placement(path, r.provider, batches[0].cpu().numpy()), **r.__dict__})  # fmt: skip
                 model.float()
+            if device == "cuda":
+                precision[name] = torch_precision(model, inputs[1])
     out = Path(args.out)
-    lines = [f"# GPU check on {gpu_name()}", "", f"torch {torch.__version__}, providers {providers}", "",
-             "| model | dtype | provider | max abs | max rel | cosine | top-1 % | ms | result |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    absent = [p for p in GPU_PROVIDERS if p in listed and p not in providers]
+    lines = [f"# GPU check on {gpu_name()}", "",
+             f"torch {torch.__version__}, onnxruntime {ort.__version__}; GPU providers that load: {providers}"
+             + (f"; listed but not loading: {absent}" if absent else ""), "",
+             "## ONNX parity on the GPU providers (batches 1 and 8, random inputs)", "",
+             "| model | dtype | provider | nodes on it | max abs | max rel | cosine | top-1 % | ms | result |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         top1 = "-" if r["top1_agreement"] is None else f"{r['top1_agreement']:.1f}"
-        verdict = "pass" if r["passed"] else f"FAIL ({r['first_divergence']})"
-        lines.append(f"| {r['model']} | {r['dtype']} | {r['provider']} | {r['max_abs_error']:.2e} | "
+        verdict = r["status"] if r["passed"] else f"FAIL ({r['first_divergence']})"
+        lines.append(f"| {r['model']} | {r['dtype']} | {r['provider']} | {r['nodes_on_provider']} | {r['max_abs_error']:.2e} | "
                      f"{r['max_rel_error']:.2e} | {r['cosine']:.6f} | {top1} | {r['latency_ms']:.2f} | {verdict} |")  # fmt: skip
+    lines += ["", "## PyTorch on CUDA, reduced precision, against float64 on the CPU (batch 8)", "",
+              "| model | dtype | max rel | top-1 agreement % | finite |", "|---|---|---|---|---|"]  # fmt: skip
+    for name, prows in precision.items():
+        lines += [f"| {name} | {p['dtype']} | {p['max_rel']:.2e} | {p['top1']:.1f} | {p['finite']} |" for p in prows]
     out.write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"gpu": gpu_name(), "rows": rows}, indent=2))
+    out.with_suffix(".json").write_text(json.dumps({"gpu": gpu_name(), "rows": rows, "torch": precision}, indent=2))
     print("\n".join(lines))
 
 
