@@ -452,7 +452,8 @@ def reconstruct(
         data: inputs (labels ignored) as for :func:`cosconvert.finetune.finetune`: a Dataset, a
             DataLoader, a tensor of inputs, batches of inputs or (inputs, labels), or a data spec
             (``"digits"``, ``x.npz``, as :func:`cosconvert.data.load_data`).
-        blocks: ``"auto"`` (:func:`find_blocks` on ``original``) or module names, e.g. ``["layer1.0", "fc"]``.
+        blocks: ``"auto"`` (:func:`find_blocks` on ``original``), module names, e.g. ``["layer1.0", "fc"]``,
+            or one name (``"layer1"``).
         steps: optimizer steps per block, each on one batch of ``batch_size`` of the ``max_samples`` inputs.
         lr: Adam's learning rate (cosine schedule to 0 over each block's steps).
         train: ``"all"`` parameters of the block, or ``"affine"`` (only gains and biases).
@@ -473,7 +474,7 @@ def reconstruct(
         raise ValueError(f"amp must be 'bf16', 'fp16' or None, got {amp!r}")
     device = torch.device(device) if device is not None else next(converted.parameters()).device
     converted.to(device), original.to(device)
-    names = find_blocks(original) if blocks == "auto" else list(blocks)
+    names = find_blocks(original) if blocks == "auto" else [blocks] if isinstance(blocks, str) else list(blocks)
     overlapping = [(a, b) for a in names for b in names if b.startswith(a + ".")]
     if overlapping:
         raise ValueError(f"blocks overlap: {overlapping[0][0]!r} contains {overlapping[0][1]!r}; give disjoint blocks")

@@ -169,6 +169,8 @@ def test_bad_blocks_are_one_clear_error():
         reconstruct(converted, original, x, blocks=["layer1", "layer1.0"])
     with pytest.raises(ValueError, match="no module named 'layer9'"):
         reconstruct(converted, original, x, blocks=["layer9"])
+    with pytest.raises(ValueError, match="no module named 'layer9'"):  # one name, not nine letters
+        reconstruct(converted, original, x, blocks="layer9")
 
 
 @pytest.mark.slow
