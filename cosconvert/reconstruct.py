@@ -440,7 +440,7 @@ def reconstruct(
     train: str = "all",
     refit: bool = True,
     target: str = "network",
-    amp: str | None = "bf16",
+    amp: str | None = "auto",
     device: str | torch.device | None = None,
     verbose: bool = False,
 ) -> dict:
@@ -462,7 +462,9 @@ def reconstruct(
             ``"block"``, the original block applied to what the converted network feeds it.
         refit: first refit the block's gains and biases in closed form, as :func:`cosconvert.calibrate`
             does, on the inputs the reconstructed prefix feeds it (a block is never left worse than before).
-        amp: autocast dtype on CUDA, ``"bf16"``, ``"fp16"`` (with a gradient scaler) or None; CPU runs float32.
+        amp: autocast dtype, ``"bf16"``, ``"fp16"`` (with a gradient scaler) or None (float32), on any
+            device. ``"auto"``: bf16 on CUDA, float32 elsewhere (a CPU without native bfloat16 runs it
+            slower than float32). Norms are taken in float32 either way.
         device: where to run (both models are moved there); default: where ``converted`` is.
         verbose: a progress bar per block (on stderr).
     """
@@ -470,8 +472,8 @@ def reconstruct(
         raise ValueError(f"target must be 'network' or 'block', got {target!r}")
     if train not in ("all", "affine"):
         raise ValueError(f"train must be 'all' or 'affine', got {train!r}")
-    if amp not in ("bf16", "fp16", None):
-        raise ValueError(f"amp must be 'bf16', 'fp16' or None, got {amp!r}")
+    if amp not in ("auto", "bf16", "fp16", None):
+        raise ValueError(f"amp must be 'auto', 'bf16', 'fp16' or None, got {amp!r}")
     device = torch.device(device) if device is not None else next(converted.parameters()).device
     converted.to(device), original.to(device)
     names = find_blocks(original) if blocks == "auto" else [blocks] if isinstance(blocks, str) else list(blocks)
@@ -479,10 +481,10 @@ def reconstruct(
     if overlapping:
         raise ValueError(f"blocks overlap: {overlapping[0][0]!r} contains {overlapping[0][1]!r}; give disjoint blocks")
     batches = _batches(data, batch_size, max_samples, device)
-    use_amp = device.type == "cuda" and amp is not None
-    dtype = torch.float16 if amp == "fp16" else torch.bfloat16
-    autocast = torch.autocast(device.type, dtype, enabled=use_amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp == "fp16")
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else None
+    autocast = torch.autocast(device.type, torch.float16 if amp == "fp16" else torch.bfloat16, enabled=amp is not None)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # fp16's small gradients would underflow
     modes = converted.training, original.training
     converted.eval(), original.eval()  # normalizers keep their statistics, dropout is off
     staged = _Staged(converted, original, names)
@@ -509,7 +511,7 @@ def reconstruct(
         staged.close()
         converted.train(modes[0]), original.train(modes[1])
     result = {"samples": sum(b[0].shape[0] for b in batches), "batch_size": batch_size, "lr": lr, "train": train,
-              "seconds": round(sum(r["seconds"] for r in rows), 3), "blocks": rows}  # fmt: skip
+              "amp": amp, "seconds": round(sum(r["seconds"] for r in rows), 3), "blocks": rows}  # fmt: skip
     report = getattr(converted, "cosine_report", None)
     if report is not None:
         report.reconstruction = result

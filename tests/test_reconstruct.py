@@ -119,6 +119,38 @@ def test_affine_mode_trains_only_gains_and_biases():
     assert not torch.equal(converted.layer1.get_submodule("0").conv1.gain, gain)
 
 
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_fits_in_half_precision_on_the_cpu_too(amp, monkeypatch):
+    """An explicit ``amp`` autocasts on any device, so the path CUDA runs by default is exercised
+    here: the block's convolutions run in the half type, fp16 steps go through an enabled gradient
+    scaler (bf16 needs none), the parameters stay float32, and each block ends within 10% of the
+    float32 fit's loss. The default on a CPU is float32."""
+    scalers = []
+    update = torch.amp.GradScaler.update
+    monkeypatch.setattr(
+        torch.amp.GradScaler, "update", lambda self, *a: scalers.append(self.is_enabled()) or update(self, *a)
+    )
+    original = trained_like(TinyResNet())
+    x = torch.rand(64, 1, 8, 8)
+    results, dtypes = {}, {}
+    for mode in ("auto", amp):
+        torch.manual_seed(0)
+        converted = cosconvert.convert(original, strip_norms="fold")
+        seen = dtypes[mode] = set()
+        converted.layer1.get_submodule("0").conv1.register_forward_hook(
+            lambda m, i, out, seen=seen: seen.add(out.dtype)
+        )
+        results[mode] = reconstruct(converted, original, [x], steps=40, batch_size=32, amp=mode)
+        assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in converted.parameters())
+    half = torch.float16 if amp == "fp16" else torch.bfloat16
+    assert dtypes["auto"] == {torch.float32} and half in dtypes[amp]
+    assert results["auto"]["amp"] is None and results[amp]["amp"] == amp
+    assert any(scalers) == (amp == "fp16")
+    for full, mixed in zip(results["auto"]["blocks"], results[amp]["blocks"]):
+        assert mixed["loss_after"] < 0.5 * mixed["loss_before"]
+        assert mixed["loss_after"] == pytest.approx(full["loss_after"], rel=0.1)
+
+
 def test_holds_one_block_and_leaves_the_network_as_it_was():
     """The converted network runs only up to the block being fitted (its classifier is never
     reached), and afterwards has no hooks and its own structure: the same forward code and modules."""
