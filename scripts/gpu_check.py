@@ -9,12 +9,16 @@ Writes a Markdown table (and JSON beside it) naming the GPU, with three checks p
 - how many of the file's nodes onnxruntime ran on that provider, from its profiler, so a "pass" is
   known to have run on the GPU and not on onnxruntime's CPU fallback;
 - PyTorch itself on CUDA in fp16 and bf16 against the same model in float64 on the CPU.
+
+Then ``cosconvert.reconstruct`` on CUDA with ``amp`` None, bf16 and fp16 (random-weight resnet18),
+each block's loss against float32's, and a one-epoch ``finetune``, which autocasts to bf16 on CUDA.
 """
 
 import argparse
 import json
 import subprocess
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -70,6 +74,31 @@ def torch_precision(model: torch.nn.Module, x: torch.Tensor) -> list[dict]:
     return rows
 
 
+def amp_fits(device: str = "cuda") -> list[dict]:
+    """reconstruct (random-weight resnet18, 128 images of 64x64, 20 steps per block) with each ``amp``,
+    then one epoch of distillation from the original (AMP bf16 on CUDA): per run the seconds, the
+    mean of each block's loss after / its target's mean square, the largest relative difference of a
+    block's loss from the float32 fit's, and whether every parameter stayed finite float32."""
+    torch.manual_seed(0)
+    original = torchvision.models.resnet18().eval().to(device)
+    images = torch.randn(128, 3, 64, 64)
+    rows, full = [], None
+    for amp in (None, "bf16", "fp16"):
+        model = cosconvert.convert(original, strip_norms="fold").to(device)
+        torch.manual_seed(0)
+        started = time.perf_counter()
+        result = cosconvert.reconstruct(model, original, images, steps=20, amp=amp, device=device)
+        seconds = time.perf_counter() - started
+        after = [b["loss_after"] for b in result["blocks"]]
+        full = full or after
+        log = cosconvert.finetune(model, torch.utils.data.TensorDataset(images), teacher=original, epochs=1)
+        rows.append({"amp": str(amp), "seconds": seconds,
+                     "relative_loss": sum(b["loss_after"] / b["target_power"] for b in result["blocks"]) / len(after),
+                     "vs_float32": max(abs(a - f) / f for a, f in zip(after, full)), "finetune_loss": log[-1]["loss"],
+                     "finite_float32": all(p.dtype == torch.float32 and bool(p.isfinite().all()) for p in model.parameters())})  # fmt: skip
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="docs/gpu_check.md")
@@ -104,6 +133,7 @@ def main() -> None:
                 model.float()
             if device == "cuda":
                 precision[name] = torch_precision(model, inputs[1])
+    fits = amp_fits() if device == "cuda" else []
     out = Path(args.out)
     absent = [p for p in GPU_PROVIDERS if p in listed and p not in providers]
     lines = [f"# GPU check on {gpu_name()}", "",
@@ -121,8 +151,15 @@ def main() -> None:
               "| model | dtype | max rel | top-1 agreement % | finite |", "|---|---|---|---|---|"]  # fmt: skip
     for name, prows in precision.items():
         lines += [f"| {name} | {p['dtype']} | {p['max_rel']:.2e} | {p['top1']:.1f} | {p['finite']} |" for p in prows]
+    lines += ["", "## reconstruct with AMP on CUDA, then one epoch of finetune (bf16)", "",
+              "| amp | seconds | mean block loss / target power | largest block loss vs float32's | finetune loss | "
+              "parameters finite float32 |", "|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {f['amp']} | {f['seconds']:.1f} | {f['relative_loss']:.3g} | {f['vs_float32']:.1%} | "
+              f"{f['finetune_loss']:.4g} | {f['finite_float32']} |" for f in fits]  # fmt: skip
     out.write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"gpu": gpu_name(), "rows": rows, "torch": precision}, indent=2))
+    out.with_suffix(".json").write_text(
+        json.dumps({"gpu": gpu_name(), "rows": rows, "torch": precision, "amp": fits}, indent=2)
+    )
     print("\n".join(lines))
 
 
