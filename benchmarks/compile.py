@@ -7,6 +7,10 @@ For each model: inference (eval, no_grad) and a training step (forward, backward
 compiled with ``fullgraph=True``; then single cosine convolutions against plain ones at the four
 ResNet-50 shapes of benchmarks/layers.py, compiled the same way (forward only, and forward+backward).
 Compilation happens before timing; ratios are converted / original, interleaved (see _timing.py).
+
+``--freezing`` sets inductor's ``freezing`` for both networks: inference graphs then treat parameters
+as constants, so each cosine layer's weight norms are computed once at compile time instead of on
+every call (training graphs are unchanged). It assumes the weights no longer change, as serving does.
 """
 
 import argparse
@@ -111,9 +115,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--models", nargs="*", default=["resnet18", "resnet50", "mobilenet_v3_large", "vit_b_16"])
     parser.add_argument("--layers", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--freezing", action="store_true", help="inductor freezing: weights as constants")
     args = parser.parse_args()
+    torch._inductor.config.freezing = args.freezing
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
-    print(f"torch {torch.__version__}, {device}, inductor, float32, batch {args.batch}, {args.size}x{args.size}\n")
+    print(f"torch {torch.__version__}, {device}, inductor{', freezing' if args.freezing else ''}, float32, batch {args.batch}, {args.size}x{args.size}\n")
     models(args)
     if args.layers:
         layers(args)
