@@ -119,7 +119,8 @@ def main() -> None:
     args = parser.parse_args()
     torch._inductor.config.freezing = args.freezing
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
-    print(f"torch {torch.__version__}, {device}, inductor{', freezing' if args.freezing else ''}, float32, batch {args.batch}, {args.size}x{args.size}\n")
+    backend = "inductor, freezing" if args.freezing else "inductor"
+    print(f"torch {torch.__version__}, {device}, {backend}, float32, batch {args.batch}, {args.size}x{args.size}\n")
     models(args)
     if args.layers:
         layers(args)
