@@ -196,3 +196,34 @@ def test_reference_is_computed_without_tf32():
         assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_each_provider_row_says_where_its_nodes_ran(tmp_path):
+    """A provider's row counts the nodes onnxruntime ran on it, from its profiler: on the CPU all of
+    the optimized graph's nodes (counted here from onnxruntime's own optimized file). Read as if
+    the provider had been CUDA, the same profile puts every node elsewhere, named by op type, as a
+    GPU run whose nodes fell back to the CPU would show."""
+    import onnxruntime as ort
+
+    from cosconvert.onnx.validate import _placement
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
+    converted = cosconvert.convert(model.eval())
+    x = torch.randn(2, 3, 8, 8)
+    path = cosconvert.export_onnx(converted, x, tmp_path / "m.onnx")
+    report = cosconvert.validate(path, converted, [x], providers="CPUExecutionProvider")
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(options.optimized_model_filepath).graph.node
+    assert report.results[0].nodes_on_provider == f"{len(optimized)}/{len(optimized)}"
+    assert f"{len(optimized)}/{len(optimized)}" in str(report)
+
+    options = ort.SessionOptions()
+    options.enable_profiling, options.profile_file_prefix = True, str(tmp_path / "profile")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    as_if_cuda = _placement(session.end_profiling(), "CUDAExecutionProvider")
+    ops = {n.op_type for n in optimized}
+    assert as_if_cuda.startswith(f"0/{len(optimized)} (CPU ") and all(f"CPU {op} " in as_if_cuda for op in ops)

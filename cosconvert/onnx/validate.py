@@ -19,6 +19,10 @@ Outputs that cannot tell a right file from a wrong one (non-finite, all zero, co
 same for different inputs, from the converted model or the original) make the verdict
 ``inconclusive``, never ``pass``, with the reason.
 
+Each provider's row also says how many of the nodes onnxruntime ran were on that provider, read
+from its profiler on the first batch: a pass on a GPU provider whose nodes fell back to the CPU
+says so.
+
 On failure the report names the first node that diverges: every ``cosconvert`` node's
 output in the runtime is compared with PyTorch's :func:`cosconvert.functional.conv_normalized`
 / ``linear_normalized`` on the same node inputs, in graph order.
@@ -33,6 +37,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -63,6 +68,7 @@ class ProviderResult:
     latency_ms: float
     passed: bool
     first_divergence: str | None = None
+    nodes_on_provider: str | None = None  # "707/780 (CPU Concat 20, ...)": nodes run there / all run
 
 
 @dataclass
@@ -118,14 +124,17 @@ class ValidationReport:
             f"conditioning: converted model float vs float64 max rel {spread}; "
             f"parity tolerance rtol {tol['rtol']:.1e}, atol {tol['atol']:.1e}"
         )
-        head = f"{'ONNX parity: provider':28} {'max abs':>10} {'max rel':>10} {'cosine':>9} {'top-1 %':>8} {'ms':>8}  result"
+        head = (
+            f"{'ONNX parity: provider':28} {'max abs':>10} {'max rel':>10} {'cosine':>9} {'top-1 %':>8} {'ms':>8}  "
+            f"{'nodes on it':>11}  result"
+        )
         lines += [head, "-" * len(head)]
         for r in self.results:
             top1 = "-" if r.top1_agreement is None else f"{r.top1_agreement:.1f}"
             verdict = "pass" if r.passed else f"FAIL (first divergence: {r.first_divergence})"
             lines.append(
                 f"{r.provider:28} {r.max_abs_error:10.2e} {r.max_rel_error:10.2e} {r.cosine:9.6f} {top1:>8} "
-                f"{r.latency_ms:8.2f}  {verdict}"
+                f"{r.latency_ms:8.2f}  {r.nodes_on_provider or '-':>11}  {verdict}"
             )
         verdict = self.status + (f": {'; '.join(self.inconclusive)}" if self.status == "inconclusive" else "")
         lines.append(f"validation: {verdict}")
@@ -390,15 +399,32 @@ def _row_cosines(a: np.ndarray, b: np.ndarray) -> list[float]:
     return ((a * b).sum(1) / norms).tolist()
 
 
+def _placement(profile: str, provider: str) -> str:
+    """From an onnxruntime profile: "on/all" nodes run on ``provider``, with the others by op type."""
+    events = json.loads(Path(profile).read_text())
+    ran = {e["name"]: e["args"] for e in events if e.get("cat") == "Node" and "provider" in e.get("args", {})}
+    here = provider.removesuffix("ExecutionProvider")
+    by_place = Counter((a["provider"].removesuffix("ExecutionProvider"), a["op_name"]) for a in ran.values())
+    on = sum(n for (where, _), n in by_place.items() if where == here)
+    others = ", ".join(f"{where} {op} {n}" for (where, op), n in by_place.most_common() if where != here)
+    return f"{on}/{len(ran)}" + (f" ({others})" if others else "")
+
+
 def _run_provider(path, provider, batches, expected, tol, repeat) -> ProviderResult:
-    session = _session(path, provider)
-    names = [i.name for i in session.get_inputs()]
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.enable_profiling = True  # the first run only: where each node ran
+        options.profile_file_prefix = str(Path(tmp) / "profile")
+        session = _session(path, provider, options)
+        names = [i.name for i in session.get_inputs()]
+        first = session.run(None, dict(zip(names, batches[0])))
+        placement = _placement(session.end_profiling(), provider)
     max_abs = max_rel = 0.0
     cos_all, agree, count, times = [], 0, 0, []
     top1, passed = None, True
-    for arrays, refs in zip(batches, expected):
+    for i, (arrays, refs) in enumerate(zip(batches, expected)):
         feed = dict(zip(names, arrays))
-        outs = session.run(None, feed)
+        outs = first if i == 0 else session.run(None, feed)
         for _ in range(repeat):
             start = time.perf_counter()
             session.run(None, feed)
@@ -415,9 +441,8 @@ def _run_provider(path, provider, batches, expected, tol, repeat) -> ProviderRes
                 count += ref.shape[0]
     if count:
         top1 = 100.0 * agree / count
-    result = ProviderResult(
-        provider, max_abs, max_rel, float(np.mean(cos_all)), top1, 1e3 * statistics.median(times), passed
-    )
+    latency = 1e3 * statistics.median(times)
+    result = ProviderResult(provider, max_abs, max_rel, float(np.mean(cos_all)), top1, latency, passed, None, placement)
     if not passed:
         result.first_divergence = first_divergence(path, provider, dict(zip(names, batches[0])), tol)
     return result
