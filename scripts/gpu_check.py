@@ -6,8 +6,8 @@ Needs a CUDA GPU with onnxruntime-gpu's CUDA (and, if installed, TensorRT) provi
 Writes a Markdown table (and JSON beside it) naming the GPU, with three checks per model:
 
 - ONNX parity on each GPU provider (``cosconvert.validate``), fp32 and fp16 files;
-- how many of the file's nodes onnxruntime ran on that provider, from its profiler, so a "pass" is
-  known to have run on the GPU and not on onnxruntime's CPU fallback;
+- how many of the file's nodes onnxruntime ran on that provider (the report's ``nodes_on_provider``,
+  from its profiler), so a "pass" is known to have run on the GPU and not on the CPU fallback;
 - PyTorch itself on CUDA in fp16 and bf16 against the same model in float64 on the CPU.
 
 Then ``cosconvert.reconstruct`` on CUDA with ``amp`` None, bf16 and fp16 (random-weight resnet18),
@@ -19,10 +19,8 @@ import json
 import subprocess
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 import torch
 import torchvision
@@ -39,24 +37,6 @@ def gpu_name() -> str:
                               capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-
-
-def placement(path: Path, provider: str, x: np.ndarray) -> str:
-    """How many of the nodes onnxruntime ran for one input were on ``provider``, and which ran elsewhere,
-    read from its profiler (so a "pass" is known to have run on the GPU, not on the CPU fallback)."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.enable_profiling = True
-    options.profile_file_prefix = str(path.with_suffix(""))
-    session = ort.InferenceSession(str(path), options, providers=[provider, "CPUExecutionProvider"])
-    session.run(None, {session.get_inputs()[0].name: x})
-    events = json.loads(Path(session.end_profiling()).read_text())
-    nodes = {e["name"]: e["args"] for e in events if e.get("cat") == "Node" and "provider" in e.get("args", {})}
-    elsewhere = Counter(a["op_name"] for a in nodes.values() if a["provider"] != provider)
-    on = len(nodes) - sum(elsewhere.values())
-    return f"{on}/{len(nodes)}" + (
-        "" if not elsewhere else " (CPU: " + ", ".join(f"{k} {v}" for k, v in elsewhere.items()) + ")"
-    )
 
 
 def torch_precision(model: torch.nn.Module, x: torch.Tensor) -> list[dict]:
@@ -128,8 +108,7 @@ def main() -> None:
                 batches = [t.to(device, torch.float16 if fp16 else torch.float32) for t in inputs]
                 report = cosconvert.validate(path, reference, batches, providers=providers)
                 for r in report.results:
-                    rows.append({"model": name, "dtype": report.dtype, "status": report.status,
-                                 "nodes_on_provider": placement(path, r.provider, batches[0].cpu().numpy()), **r.__dict__})  # fmt: skip
+                    rows.append({"model": name, "dtype": report.dtype, "status": report.status, **r.__dict__})
                 model.float()
             if device == "cuda":
                 precision[name] = torch_precision(model, inputs[1])
