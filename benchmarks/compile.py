@@ -1,7 +1,7 @@
 """torch.compile (inductor) of converted networks against the compiled originals, side by side.
 
     python benchmarks/compile.py [--device cpu] [--batch 4] [--size 112] [--repeat 3]
-        [--models resnet18 resnet50 mobilenet_v3_large vit_b_16]
+        [--models resnet18 resnet50 mobilenet_v3_large vit_b_16] [--freezing] [--runs 1]
 
 For each model: inference (eval, no_grad) and a training step (forward, backward, SGD update), each
 compiled with ``fullgraph=True``; then single cosine convolutions against plain ones at the four
@@ -11,10 +11,18 @@ Compilation happens before timing; ratios are converted / original, interleaved 
 ``--freezing`` sets inductor's ``freezing`` for both networks: inference graphs then treat parameters
 as constants, so each cosine layer's weight norms are computed once at compile time instead of on
 every call (training graphs are unchanged). It assumes the weights no longer change, as serving does.
+
+``--runs N`` repeats the models' part in N fresh processes and prints each ratio and their median: the
+same compiled pair moved by up to 0.15 from one process to the next on the 2-core machine, more than
+between the repeats inside one.
 """
 
 import argparse
+import statistics
+import subprocess
+import sys
 import time
+from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
@@ -107,6 +115,22 @@ def layers(args) -> None:
         torch._dynamo.reset()
 
 
+def across_processes(runs: int, argv: list[str]) -> None:
+    """The models' table from ``runs`` fresh processes, each compiling anew: every converted / original
+    ratio, and their median."""
+    ratios = defaultdict(list)
+    for run in range(runs):
+        out = subprocess.run([sys.executable, __file__, *argv, "--no-layers"], capture_output=True, text=True,
+                             check=True).stdout  # fmt: skip
+        for row in (line.split() for line in out.splitlines()):
+            if len(row) == 6 and row[1] in ("inference", "training"):
+                ratios[row[0], row[1]].append(float(row[3]) / float(row[2]))
+        print(f"run {run + 1}/{runs} done", file=sys.stderr, flush=True)
+    print(f"{'model':20} {'pass':9} {'median':>6}  ratio in each process")
+    for (model, label), values in ratios.items():
+        print(f"{model:20} {label:9} {statistics.median(values):6.3f}  {' '.join(f'{v:.3f}' for v in values)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -116,7 +140,13 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=["resnet18", "resnet50", "mobilenet_v3_large", "vit_b_16"])
     parser.add_argument("--layers", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--freezing", action="store_true", help="inductor freezing: weights as constants")
+    parser.add_argument("--runs", type=int, default=1, help="processes for the models' part (median printed)")
     args = parser.parse_args()
+    if args.runs > 1:
+        given = sys.argv[1:]
+        after_runs = {i + 1 for i, a in enumerate(given) if a == "--runs"}
+        argv = [a for i, a in enumerate(given) if i not in after_runs and not a.startswith("--runs")]
+        return across_processes(args.runs, argv)
     torch._inductor.config.freezing = args.freezing
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
     backend = "inductor, freezing" if args.freezing else "inductor"
