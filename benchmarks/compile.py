@@ -142,10 +142,9 @@ def main() -> None:
     parser.add_argument("--freezing", action="store_true", help="inductor freezing: weights as constants")
     parser.add_argument("--runs", type=int, default=1, help="processes for the models' part (median printed)")
     args = parser.parse_args()
-    if args.runs > 1:
-        given = sys.argv[1:]
-        after_runs = {i + 1 for i, a in enumerate(given) if a == "--runs"}
-        argv = [a for i, a in enumerate(given) if i not in after_runs and not a.startswith("--runs")]
+    if args.runs > 1:  # the child's arguments from the parsed ones, so no spelling of --runs reaches it
+        argv = ["--device", args.device, "--batch", str(args.batch), "--size", str(args.size),
+                "--repeat", str(args.repeat), "--models", *args.models] + ["--freezing"] * args.freezing  # fmt: skip
         return across_processes(args.runs, argv)
     torch._inductor.config.freezing = args.freezing
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
