@@ -52,7 +52,7 @@ class _Fit:
         else:
             target = _PLAIN[type(layer)]._conv_forward(layer, x, layer.weight, bias)
         if norm is not None:
-            target = norm.to(x.device)(target)
+            target = norm(target)
         gain, bias = layer.gain, layer.bias
         layer.gain, layer.bias = None, None
         cos = layer.forward(x)

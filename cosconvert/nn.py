@@ -60,6 +60,17 @@ class _CosineMixin:
 
     prenormalized = False
 
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.cuda()``, ``.double()``... also move what ``convert`` stashed beside the layer:
+        its original bias and the normalizer it stripped after it (calibration's target). They are
+        kept out of the module tree so that they are neither trained nor saved."""
+        stripped = self.__dict__.get("_stripped_norm")
+        if stripped is not None:
+            bias, norm = stripped
+            moved = (None if bias is None else fn(bias), None if norm is None else norm._apply(fn))
+            object.__setattr__(self, "_stripped_norm", moved)
+        return super()._apply(fn, recurse)
+
     @torch.no_grad()
     def prenormalize(self) -> None:
         """Replace the weight by its normalized form (gain folded in), for inference and export:

@@ -119,6 +119,25 @@ def test_affine_mode_trains_only_gains_and_biases():
     assert not torch.equal(converted.layer1.get_submodule("0").conv1.gain, gain)
 
 
+def test_a_model_moved_after_convert_calibrates_and_reconstructs_there():
+    """convert keeps each stripped normalizer beside its layer, outside the module tree; ``.to()``
+    must move it too. Found on a GPU (converted on the CPU, reconstructed on CUDA: "weight is on
+    cpu"); here the move is to float64, which fails the same way if the normalizer stays behind."""
+    original = trained_like(TinyResNet())
+    x = torch.rand(16, 1, 8, 8)
+    reference = cosconvert.convert(original, strip_norms="fold")
+    cosconvert.calibrate(reference, original, [x])  # all in float32
+    converted = cosconvert.convert(original, strip_norms="fold").double()
+    original64 = original.double()
+    cosconvert.calibrate(converted, original64, [x.double()])
+    for a, b in zip(reference.parameters(), converted.parameters()):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # the stem's target: the original conv, then the BatchNorm convert stripped
+        before = F.mse_loss(converted.conv1(x.double()), original64.bn1(original64.conv1(x.double()))).item()
+    result = reconstruct(converted, original64, [x.double()], blocks=["conv1"], steps=2)
+    assert result["blocks"][0]["loss_before"] == pytest.approx(before, rel=1e-4)
+
+
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_amp_fits_in_half_precision_on_the_cpu_too(amp, monkeypatch):
     """An explicit ``amp`` autocasts on any device, so the path CUDA runs by default is exercised
