@@ -1,11 +1,12 @@
 """Blockwise reconstruction: time per block, and peak memory against the model's size.
 
-Peak memory is the process's peak resident set (Linux VmHWM), reset just before ``reconstruct``
-through /proc/self/clear_refs and read right after: what reconstruct added on top of the models
-and data already in memory. It is set beside the parameters' size and beside what one block's
-and all blocks' inputs and targets take for the same samples (counted with hooks on the original).
+Peak memory is what reconstruct added on top of the models and data already in memory: on the
+CPU the process's peak resident set (Linux VmHWM), reset just before ``reconstruct`` through
+/proc/self/clear_refs and read right after; on CUDA the allocator's peak (``max_memory_allocated``),
+reset the same way. It is set beside the parameters' size and beside what one block's and all
+blocks' inputs and targets take for the same samples (counted with hooks on the original).
 
-    python benchmarks/reconstruct.py [--model resnet18] [--size 64] [--samples 256] [--steps 20]
+    python benchmarks/reconstruct.py [--model resnet18] [--size 64] [--samples 256] [--steps 20] [--device cuda]
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (reconstruct's amp is its default there: bf16)")
     args = parser.parse_args()
     torch.manual_seed(0)
     original = getattr(torchvision.models, args.model)(num_classes=10).eval()
@@ -57,12 +59,19 @@ def main() -> None:
     blocks = find_blocks(original)
     per_block = _activation_bytes(original, blocks, x)
     params = sum(p.nbytes for p in original.parameters())
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set to the current one
-    base = _rss("VmRSS")
+    cuda = args.device.startswith("cuda")
+    converted.to(args.device), original.to(args.device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set to the current one
+        base = _rss("VmRSS")
     result = reconstruct(converted, original, x, steps=args.steps, batch_size=args.batch_size, max_samples=args.samples)
-    peak = _rss("VmHWM") - base
+    peak = (torch.cuda.max_memory_allocated() if cuda else _rss("VmHWM")) - base
     print(f"{args.model}, {args.samples} images of 3x{args.size}x{args.size}, {args.steps} steps of {args.batch_size}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    where = torch.cuda.get_device_name() if cuda else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, amp {result.get('amp')}")
     print("\n| block | parameters MB | inputs + targets MB | seconds | loss before | loss after |")
     print("|---|---|---|---|---|---|")
     for row, size in zip(result["blocks"], per_block):
@@ -71,7 +80,8 @@ def main() -> None:
               f"{row['loss_before']:.3g} | {row['loss_after']:.3g} |")  # fmt: skip
     print(f"\nmodel parameters: {params / MB:.1f} MB; inputs + targets of the largest block: "
           f"{max(per_block) / MB:.1f} MB; of all blocks together: {sum(per_block) / MB:.1f} MB")  # fmt: skip
-    print(f"peak resident memory added by reconstruct: {peak / MB:.1f} MB; total time {result['seconds']:.1f} s")
+    kind = "CUDA memory allocated" if cuda else "resident memory"
+    print(f"peak {kind} added by reconstruct: {peak / MB:.1f} MB; total time {result['seconds']:.1f} s")
 
 
 if __name__ == "__main__":

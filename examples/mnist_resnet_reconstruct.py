@@ -72,11 +72,11 @@ def mnist(train_size: int = 4000, test_size: int = 1000) -> tuple[TensorDataset,
     return TensorDataset(x[train], y[train]), TensorDataset(x[test], y[test])
 
 
-def train_original(train: TensorDataset, width: int, epochs: int, cache: Path) -> MnistResNet:
+def train_original(train: TensorDataset, width: int, epochs: int, cache: Path, device: str = "cpu") -> MnistResNet:
     torch.manual_seed(0)  # the initial weights too
-    model = MnistResNet(width)
+    model = MnistResNet(width).to(device)
     if cache.is_file():
-        model.load_state_dict(torch.load(cache, weights_only=True))
+        model.load_state_dict(torch.load(cache, map_location=device, weights_only=True))
         return model.eval()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     loader = DataLoader(train, 64, shuffle=True, generator=torch.Generator().manual_seed(0))
@@ -84,7 +84,7 @@ def train_original(train: TensorDataset, width: int, epochs: int, cache: Path) -
     model.train()
     for epoch in range(epochs):
         for x, y in loader:
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(model(x.to(device)), y.to(device))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -127,13 +127,14 @@ def measure(model, original, test) -> dict:
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     train, test = mnist(args.train_size, args.test_size)
-    cache = Path(args.cache or f"/tmp/cosconvert_mnist_resnet_w{args.width}_n{args.train_size}_e{args.epochs}.pt")
-    original = train_original(train, args.width, args.epochs, cache)
+    on = "" if args.device == "cpu" else f"_{args.device}"  # an original trained elsewhere is another original
+    cache = Path(args.cache or f"/tmp/cosconvert_mnist_resnet_w{args.width}_n{args.train_size}_e{args.epochs}{on}.pt")
+    original = train_original(train, args.width, args.epochs, cache, args.device)
     result = {"original": {"accuracy": evaluate(original, DataLoader(test, 250))["accuracy"], "agreement": 100.0},
               "settings": vars(args), "strip": {}}  # fmt: skip
     print(f"original: held-out accuracy {result['original']['accuracy']}%", flush=True)
     unlabeled = Subset(train, range(args.samples))
-    calibration = [train.tensors[0][i : i + 64] for i in range(0, args.samples, 64)]
+    calibration = [train.tensors[0][i : i + 64].to(args.device) for i in range(0, args.samples, 64)]
     for strip in args.strip:
         rows: dict = {}
         torch.manual_seed(0)
@@ -231,6 +232,8 @@ def main() -> None:
     parser.add_argument("--strip", nargs="+", default=["fold", "drop"], choices=("fold", "drop"))
     parser.add_argument("--quick", action="store_true", help="only calibration and reconstruct (no distillation)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu",
+                        help="cpu or cuda (on CUDA, reconstruct and finetune autocast to bf16 by default)")  # fmt: skip
     parser.add_argument("--cache", help="where the trained original is kept (default: in /tmp)")
     parser.add_argument("--verbose", action="store_true", help="a progress bar per block")
     args = parser.parse_args()

@@ -1,6 +1,6 @@
 """Export and validate the reference models on the GPU execution providers, fp32 and fp16.
 
-    python scripts/gpu_check.py [--out docs/gpu_check.md] [--models resnet18 ...]
+    python scripts/gpu_check.py [--out docs/gpu_check.md] [--models resnet18 ...] [--checks onnx torch amp]
 
 Needs a CUDA GPU with onnxruntime-gpu's CUDA (and, if installed, TensorRT) provider.
 Writes a Markdown table (and JSON beside it) naming the GPU, with three checks per model:
@@ -28,6 +28,7 @@ import torchvision
 import cosconvert
 from cosconvert.onnx.validate import GPU_PROVIDERS, available_providers
 
+CHECKS = ("onnx", "torch", "amp")
 MODELS = {"resnet18": 224, "mobilenet_v3_small": 224, "efficientnet_b0": 224, "vit_b_16": 224}
 
 
@@ -84,15 +85,18 @@ def main() -> None:
     parser.add_argument("--out", default="docs/gpu_check.md")
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--providers", nargs="*", help="default: the GPU providers that load (a dry run: CPU...)")
+    parser.add_argument("--checks", nargs="+", choices=CHECKS, default=list(CHECKS),
+                        help="onnx: parity on the GPU providers; torch: PyTorch in fp16 and bf16; amp: reconstruct with "
+                             "AMP (only onnx needs onnxruntime-gpu)")  # fmt: skip
     args = parser.parse_args()
     listed = ort.get_available_providers()
     providers = args.providers or [p for p in available_providers("auto") if p != "CPUExecutionProvider"]
-    if not providers:
+    if "onnx" in args.checks and not providers:
         raise SystemExit("no GPU execution provider loads here: run this on a machine with a CUDA GPU")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows, precision = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models:
+        for name in args.models if {"onnx", "torch"} & set(args.checks) else []:
             size = MODELS[name]
             torch.manual_seed(0)
             original = torchvision.models.get_model(name).eval()
@@ -102,7 +106,7 @@ def main() -> None:
             model = cosconvert.convert(original, strip_norms="fold").to(device)
             x = torch.randn(1, 3, size, size, device=device)
             inputs = [torch.randn(b, 3, size, size) for b in (1, 8)]
-            for fp16 in (False, True):
+            for fp16 in (False, True) if "onnx" in args.checks else ():
                 path = cosconvert.export_onnx(model, x, Path(tmp) / f"{name}-{fp16}.onnx", fp16=fp16)
                 reference = model.half() if fp16 else model.float()
                 batches = [t.to(device, torch.float16 if fp16 else torch.float32) for t in inputs]
@@ -110,29 +114,32 @@ def main() -> None:
                 for r in report.results:
                     rows.append({"model": name, "dtype": report.dtype, "status": report.status, **r.__dict__})
                 model.float()
-            if device == "cuda":
+            if device == "cuda" and "torch" in args.checks:
                 precision[name] = torch_precision(model, inputs[1])
-    fits = amp_fits() if device == "cuda" else []
+    fits = amp_fits() if device == "cuda" and "amp" in args.checks else []
     out = Path(args.out)
     absent = [p for p in GPU_PROVIDERS if p in listed and p not in providers]
     lines = [f"# GPU check on {gpu_name()}", "",
              f"torch {torch.__version__}, onnxruntime {ort.__version__}; GPU providers that load: {providers}"
-             + (f"; listed but not loading: {absent}" if absent else ""), "",
-             "## ONNX parity on the GPU providers (batches 1 and 8, random inputs)", "",
-             "| model | dtype | provider | nodes on it | max abs | max rel | cosine | top-1 % | ms | result |",
-             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             + (f"; listed but not loading: {absent}" if absent else ""), ""]  # fmt: skip
+    if "onnx" in args.checks:
+        lines += ["## ONNX parity on the GPU providers (batches 1 and 8, random inputs)", "",
+                  "| model | dtype | provider | nodes on it | max abs | max rel | cosine | top-1 % | ms | result |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         top1 = "-" if r["top1_agreement"] is None else f"{r['top1_agreement']:.1f}"
         verdict = r["status"] if r["passed"] else f"FAIL ({r['first_divergence']})"
         lines.append(f"| {r['model']} | {r['dtype']} | {r['provider']} | {r['nodes_on_provider']} | {r['max_abs_error']:.2e} | "
                      f"{r['max_rel_error']:.2e} | {r['cosine']:.6f} | {top1} | {r['latency_ms']:.2f} | {verdict} |")  # fmt: skip
-    lines += ["", "## PyTorch on CUDA, reduced precision, against float64 on the CPU (batch 8)", "",
-              "| model | dtype | max rel | top-1 agreement % | finite |", "|---|---|---|---|---|"]  # fmt: skip
+    if precision:
+        lines += ["", "## PyTorch on CUDA, reduced precision, against float64 on the CPU (batch 8)", "",
+                  "| model | dtype | max rel | top-1 agreement % | finite |", "|---|---|---|---|---|"]  # fmt: skip
     for name, prows in precision.items():
         lines += [f"| {name} | {p['dtype']} | {p['max_rel']:.2e} | {p['top1']:.1f} | {p['finite']} |" for p in prows]
-    lines += ["", "## reconstruct with AMP on CUDA, then one epoch of finetune (bf16)", "",
-              "| amp | seconds | mean block loss / target power | largest block loss vs float32's | finetune loss | "
-              "parameters finite float32 |", "|---|---|---|---|---|---|"]  # fmt: skip
+    if fits:
+        lines += ["", "## reconstruct with AMP on CUDA, then one epoch of finetune (bf16)", "",
+                  "| amp | seconds | mean block loss / target power | largest block loss vs float32's | finetune loss | "
+                  "parameters finite float32 |", "|---|---|---|---|---|---|"]  # fmt: skip
     lines += [f"| {f['amp']} | {f['seconds']:.1f} | {f['relative_loss']:.3g} | {f['vs_float32']:.1%} | "
               f"{f['finetune_loss']:.4g} | {f['finite_float32']} |" for f in fits]  # fmt: skip
     out.write_text("\n".join(lines) + "\n")
