@@ -368,6 +368,9 @@ def conv_normalized(
     Under ``torch.export`` it is one ``cosconvert::conv_normalized`` op, which ONNX export turns
     into one ``cosconvert.CosineConv`` node."""
     dims = weight.dim() - 2
+    if input.dim() == dims + 1:  # unbatched (C, *spatial), which F.conv2d and its kin accept too
+        args = (weight, bias, stride, padding, dilation, groups)
+        return conv_normalized(input[None], *args, centered=centered, eps=eps, unit_scale=unit_scale)[0]
     if _exporting():
         weight = _fold_unit_scale(weight, unit_scale)
         input, pads = _explicit_padding(input, weight, padding, dilation)

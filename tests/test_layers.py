@@ -101,6 +101,8 @@ def test_module_matches_reference_with_padding_modes(s, gain):
             gain=layer.gain,
         )
     torch.testing.assert_close(layer(x).double(), ref.detach(), atol=TOL * 2, rtol=0)
+    unbatched = layer(x[0])  # (C, *spatial), which torch's conv layers take as well
+    torch.testing.assert_close(unbatched.double(), ref[0].detach(), atol=TOL * 2, rtol=0)
 
 
 @settings(max_examples=50, deadline=None)
