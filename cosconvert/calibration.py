@@ -36,6 +36,22 @@ def batch_inputs(batch) -> tuple:
     return (batch[0],)
 
 
+def _unit_sums(cos: Tensor, target: Tensor, dim: int) -> dict[str, Tensor | int]:
+    """Per unit (axis ``dim``), over all its positions: the sums of ``c``, ``y``, ``c^2`` and ``c y``
+    in float64, and their count ``n``. Taken a few samples at a time, so that the float64 copies stay
+    small (~8 MB) whatever the batch."""
+    if dim == 0:  # an unbatched input
+        cos, target, dim = cos[None], target[None], 1
+    rest = [d for d in range(cos.dim()) if d != dim]
+    per_chunk = max(1, 2**20 // max(1, cos[0].numel()))
+    sums: dict[str, Tensor | int] = {"n": cos.numel() // cos.shape[dim]}
+    for c, y in zip(cos.split(per_chunk), target.split(per_chunk)):
+        c, y = c.double(), y.double()
+        for key, value in [("c", c.sum(rest)), ("y", y.sum(rest)), ("cc", (c * c).sum(rest)), ("cy", (c * y).sum(rest))]:  # fmt: skip
+            sums[key] = sums.get(key, 0) + value
+    return sums
+
+
 class _Fit:
     """Running least-squares sums for one layer, per output unit."""
 
@@ -57,12 +73,9 @@ class _Fit:
         layer.gain, layer.bias = None, None
         cos = layer.forward(x)
         layer.gain, layer.bias = gain, bias
-        dim = 1 if x.dim() > 2 and not isinstance(layer, CosineLinear) else -1
-        c = cos.movedim(dim, -1).reshape(-1, cos.shape[dim]).double()
-        y = target.movedim(dim, -1).reshape(-1, cos.shape[dim]).double()
-        for key, value in [("c", c.sum(0)), ("y", y.sum(0)), ("cc", (c * c).sum(0)), ("cy", (c * y).sum(0))]:
+        dim = cos.dim() - 1 if isinstance(layer, CosineLinear) else cos.dim() - layer.weight.dim() + 1  # units
+        for key, value in _unit_sums(cos, target, dim).items():
             self.sums[key] = self.sums.get(key, 0) + value
-        self.sums["n"] = self.sums.get("n", 0) + c.shape[0]
         self.apply()
         shape = [1] * cos.dim()
         shape[dim] = -1

@@ -499,7 +499,8 @@ def reconstruct(
                 norm = staged.norms.get(name)
                 if norm is not None:
                     with torch.no_grad():
-                        targets = [norm(t) for t in targets]
+                        for j, t in enumerate(targets):  # in place: one batch more at a time, not a second set
+                            targets[j] = norm(t)
             row = _fit_block(staged.converted[name], staged.original[name], staged.sources[name], captured, targets, steps=steps, lr=lr,
                              train=train, refit=refit, autocast=autocast, scaler=scaler, progress=verbose,
                              desc=f"block {i + 1}/{len(names)} {name}")  # fmt: skip

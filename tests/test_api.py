@@ -101,6 +101,28 @@ def test_calibrate_max_batches_takes_only_that_many():
     assert not all(torch.equal(fitted[k], v) for k, v in on_three.state_dict().items())
 
 
+@pytest.mark.parametrize("batched", [True, False])
+def test_calibration_fits_each_unit_by_least_squares(batched):
+    """Against numpy's own line fit per output channel, on a batch large enough to be summed in
+    several chunks, and on an unbatched (C, H, W) input, whose channels are axis 0."""
+    torch.manual_seed(0)
+    original = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1)).eval()
+    x = torch.randn(20, 3, 128, 128) + 0.5  # 8 x 128 x 128 outputs a sample: 8 samples a chunk
+    x = x if batched else x[0]
+    converted = cosconvert.convert(original)
+    with torch.no_grad():  # the cosine before any gain and bias, and the original's output
+        w = original[0].weight.double()
+        cos = cosine_reference(x.double() if batched else x.double()[None], w, padding=1)
+        y = F.conv2d(x.double(), w, original[0].bias.double(), padding=1)
+    cos = cos.movedim(1, -1).reshape(-1, 8).numpy() if batched else cos[0].reshape(8, -1).T.numpy()
+    y = y.movedim(1, -1).reshape(-1, 8).numpy() if batched else y.reshape(8, -1).T.numpy()
+    fits = np.array([np.polyfit(cos[:, j], y[:, j], 1) for j in range(8)])  # (slope, intercept) per unit
+    cosconvert.calibrate(converted, original, [x])
+    layer = next(m for m in converted.modules() if isinstance(m, cosconvert.nn.CosineConv2d))
+    np.testing.assert_allclose(layer.gain.detach().double().numpy().ravel(), fits[:, 0], rtol=1e-4)
+    np.testing.assert_allclose(layer.bias.detach().double().numpy(), fits[:, 1], rtol=1e-4, atol=1e-6)
+
+
 class _ShapeByLayerType(nn.Module):
     """Untraceable (so converted by fallback), and its output shape depends on its layer's type."""
 
