@@ -285,7 +285,8 @@ def step_convert(run: Run) -> None:
     if reconstructing:
         run.say.note("reconstructing block by block")
         try:
-            cosconvert.reconstruct(run.converted, run.original, run.data, blocks=blocks, verbose=not args.quiet)
+            cosconvert.reconstruct(run.converted, run.original, run.data, blocks=blocks, amp=_amp(args),
+                                   verbose=not args.quiet)  # fmt: skip
         except ValueError as err:
             if blocks == "auto":
                 raise
@@ -307,6 +308,10 @@ def step_restore(run: Run) -> None:
         raise CliError(f"{run.recipe} does not restore onto this model ({str(err).splitlines()[0]})") from err
 
 
+def _amp(args) -> str | None:
+    return None if args.amp == "none" else args.amp
+
+
 def step_finetune(run: Run) -> None:
     """Fine-tune (by distillation unless --no-distill), checkpointing into checkpoints/; save the result."""
     import cosconvert
@@ -317,7 +322,7 @@ def step_finetune(run: Run) -> None:
     folder = run.out / "checkpoints"
     log = finetune(run.converted, run.data, teacher=run.original if args.distill else None, epochs=args.epochs,
                    lr=args.lr, eval_data=run.held_out, checkpoint_dir=folder, checkpoint_every=50,
-                   resume=args.resume, verbose=not args.quiet)  # fmt: skip
+                   resume=args.resume, amp=_amp(args), verbose=not args.quiet)  # fmt: skip
     run.summary["finetune"] = log
     run.wrote(*sorted(p for p in folder.iterdir() if not p.name.startswith(".")))
     _measure(run, "after")
@@ -663,6 +668,10 @@ def build_parser() -> argparse.ArgumentParser:
         if "convert" in steps:
             _add_conversion(p, reconstruct=True)
         _add_inputs(p, data=name != "export")
+        if "convert" in steps or "finetune" in steps:
+            p.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto",
+                           help="mixed precision of --reconstruct and fine-tuning: auto is bf16 on CUDA, float32 "
+                                "elsewhere; none is float32")  # fmt: skip
         if "finetune" in steps:
             _add_finetune(p, epochs=0 if name == "run" else 1)
         if "export" in steps:

@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 from tqdm.auto import tqdm
 
+from cosconvert.amp import mixed_precision
 from cosconvert.atomic import atomic_write, remove_partial
 from cosconvert.calibration import batch_inputs
 
@@ -158,6 +159,7 @@ def finetune(
     checkpoint_every: int = 0,
     resume: bool = False,
     seed: int = 0,
+    amp: str | None = "auto",
     verbose: bool = False,
     progress: bool | None = None,
 ) -> list[dict]:
@@ -166,7 +168,8 @@ def finetune(
     With a ``teacher``, the loss is distillation (plus ``loss_fn``, cross-entropy by default,
     where batches carry labels); without one, ``loss_fn`` on the labels. ``optimizer``:
     ``"adamw"`` or ``"sgd"`` (momentum 0.9), both with a cosine schedule (a constant rate on an
-    ``IterableDataset`` with no length). AMP (bfloat16) on CUDA. A Dataset is batched with
+    ``IterableDataset`` with no length). ``amp``: ``"auto"`` (bf16 on CUDA, float32 elsewhere),
+    ``"bf16"``, ``"fp16"`` (with a gradient scaler) or ``None``, on any device. A Dataset is batched with
     ``batch_size``; a DataLoader's own dataset and batch size are used, reshuffled with this
     run's seed so resuming is exact.
 
@@ -178,6 +181,7 @@ def finetune(
     verbose = verbose if progress is None else progress
     rank, world = _distributed()
     device = next(model.parameters()).device
+    amp, autocast, scaler = mixed_precision(amp, device)
     given = data if isinstance(data, DataLoader) else None
     dataset = given.dataset if given is not None else data
     batch_size = given.batch_size if given is not None and given.batch_size else batch_size
@@ -214,11 +218,12 @@ def finetune(
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        if state.get("scaler"):  # an fp16 run's; a disabled scaler saves {}
+            scaler.load_state_dict(state["scaler"])
         start_epoch, skip, epoch_rng = state["epoch"], state["step"], state["epoch_generator"]
         torch.set_rng_state(state["torch_rng"])  # dropout and the like continue where they were
         log = json.loads(state["log"])
         resumed = True
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
 
     def save(epoch: int, step: int, rng_state: torch.Tensor) -> None:
         if ckpt is None or rank != 0:
@@ -226,6 +231,7 @@ def finetune(
         with atomic_write(ckpt) as tmp:
             torch.save({
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "scaler": scaler.state_dict(),
                 "epoch": epoch, "step": step, "epoch_generator": rng_state, "torch_rng": torch.get_rng_state(),
                 "log": json.dumps(log),
             }, tmp)  # fmt: skip
@@ -253,9 +259,11 @@ def finetune(
                 if y is not None:
                     loss = loss + loss_fn(out.float(), y)
             opt.zero_grad()
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)  # clip the true gradients
             nn.utils.clip_grad_norm_(params, clip_grad)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
             total += loss.item() * out.shape[0]
             seen += out.shape[0]
@@ -264,7 +272,7 @@ def finetune(
             if checkpoint_every and (step + 1) % checkpoint_every == 0 and (steps is None or step + 1 < steps):
                 save(epoch, step + 1, epoch_rng)
         bar.close()
-        entry = {"epoch": epoch + 1, "loss": round(total / max(seen, 1), 5),
+        entry = {"epoch": epoch + 1, "loss": round(total / max(seen, 1), 5), "amp": amp,
                  "samples_per_s": round(seen * world / (time.perf_counter() - started), 1)}  # fmt: skip
         if resumed:
             entry["resumed_at_step"], resumed = skip, False

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
+from cosconvert.amp import mixed_precision
 from cosconvert.calibration import _PLAIN, _Fit, batch_inputs
 from cosconvert.data import load_data
 from cosconvert.layers import LAYERS, LEAVES
@@ -472,19 +473,14 @@ def reconstruct(
         raise ValueError(f"target must be 'network' or 'block', got {target!r}")
     if train not in ("all", "affine"):
         raise ValueError(f"train must be 'all' or 'affine', got {train!r}")
-    if amp not in ("auto", "bf16", "fp16", None):
-        raise ValueError(f"amp must be 'auto', 'bf16', 'fp16' or None, got {amp!r}")
     device = torch.device(device) if device is not None else next(converted.parameters()).device
+    amp, autocast, scaler = mixed_precision(amp, device)
     converted.to(device), original.to(device)
     names = find_blocks(original) if blocks == "auto" else [blocks] if isinstance(blocks, str) else list(blocks)
     overlapping = [(a, b) for a in names for b in names if b.startswith(a + ".")]
     if overlapping:
         raise ValueError(f"blocks overlap: {overlapping[0][0]!r} contains {overlapping[0][1]!r}; give disjoint blocks")
     batches = _batches(data, batch_size, max_samples, device)
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else None
-    autocast = torch.autocast(device.type, torch.float16 if amp == "fp16" else torch.bfloat16, enabled=amp is not None)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # fp16's small gradients would underflow
     modes = converted.training, original.training
     converted.eval(), original.eval()  # normalizers keep their statistics, dropout is off
     staged = _Staged(converted, original, names)

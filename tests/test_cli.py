@@ -180,10 +180,10 @@ def test_help_has_examples():
 
 OWN_OPTIONS = {
     "inspect": ({"--arch", "--strip-norms", "--gain", "--json"}, {"--fp16", "--epochs", "--resume", "--out-dir"}),
-    "convert": ({"--data", "--centered", "--out-dir"}, {"--fp16", "--epochs", "--resume", "--providers"}),
-    "finetune": ({"--epochs", "--resume", "--data"}, {"--fp16", "--centered", "--providers"}),
-    "export": ({"--fp16", "--inline", "--static-batch"}, {"--epochs", "--centered", "--data"}),
-    "validate": ({"--reference", "--model", "--providers"}, {"--fp16", "--epochs", "--centered"}),
+    "convert": ({"--data", "--centered", "--out-dir", "--amp"}, {"--fp16", "--epochs", "--resume", "--providers"}),
+    "finetune": ({"--epochs", "--resume", "--data", "--amp"}, {"--fp16", "--centered", "--providers"}),
+    "export": ({"--fp16", "--inline", "--static-batch"}, {"--epochs", "--centered", "--data", "--amp"}),
+    "validate": ({"--reference", "--model", "--providers"}, {"--fp16", "--epochs", "--centered", "--amp"}),
     "run": ({"--epochs", "--fp16", "--providers", "--centered"}, set()),
     "demo": ({"--epochs", "--centered", "--out-dir"}, {"--arch", "--fp16"}),
 }
@@ -274,7 +274,7 @@ def test_own_file_arch_safetensors_and_step_by_step_subcommands(tmp_path):
     data = ["--data", "digits", "--strip-norms", "fold"]
     steps = [
         ("convert", data),
-        ("finetune", ["--data", "digits", "--epochs", "2", "--no-distill", "--lr", "0.01"]),
+        ("finetune", ["--data", "digits", "--epochs", "2", "--no-distill", "--lr", "0.01", "--amp", "bf16"]),
     ]
     for command, extra in steps:
         proc = cosconvert(command, "net.safetensors", *common, *extra, cwd=tmp_path)
@@ -298,6 +298,7 @@ def test_own_file_arch_safetensors_and_step_by_step_subcommands(tmp_path):
     assert validation["passed"] and validation["path"] == "out/model.onnx"
     log = json.loads((out / "checkpoints" / "log.json").read_text())
     assert log[-1]["accuracy"] == held_out_accuracy  # fine-tuning's own per-epoch figure
+    assert log[-1]["amp"] == "bf16"  # --amp reached finetune, on the CPU too
     assert {"converted.pt", "model.onnx", "report.json", "checkpoints"} <= {p.name for p in out.iterdir()}
     # trained with labels on digits: a one-conv net learns slowly, but above chance (10 %) and downhill
     assert len(log) == 2 and log[-1]["loss"] < log[0]["loss"] and log[-1]["accuracy"] > 15
