@@ -146,7 +146,7 @@ def run(args) -> dict:
         started = time.perf_counter()
         log = reconstruct(rec, original, unlabeled, blocks=blocks, steps=args.steps, lr=args.lr,
                           batch_size=args.batch_size, max_samples=args.samples, train=args.train,
-                          verbose=args.verbose)  # fmt: skip
+                          amp=args.amp, verbose=args.verbose)  # fmt: skip
         seconds = time.perf_counter() - started
         rows[f"reconstruct ({args.samples} unlabeled images)"] = {
             **measure(rec, original, test),
@@ -157,7 +157,7 @@ def run(args) -> dict:
         result["strip"][strip] = entry
         if args.quick:
             continue
-        distill = {"temperature": args.temperature, "seed": args.seed}
+        distill = {"temperature": args.temperature, "seed": args.seed, "amp": args.amp}
         same = copy.deepcopy(base)
         started = time.perf_counter()
         images = distill_for(same, original, train, seconds, **distill)
@@ -234,6 +234,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu",
                         help="cpu or cuda (on CUDA, reconstruct and finetune autocast to bf16 by default)")  # fmt: skip
+    parser.add_argument("--amp", default="auto", type=lambda v: None if v == "none" else v,
+                        help="reconstruct's and every distillation's mixed precision: auto, bf16, fp16 or none")  # fmt: skip
     parser.add_argument("--cache", help="where the trained original is kept (default: in /tmp)")
     parser.add_argument("--verbose", action="store_true", help="a progress bar per block")
     args = parser.parse_args()
