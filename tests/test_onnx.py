@@ -93,6 +93,7 @@ BODY_PATHS = {  # (in, out, kernel, stride, padding, groups): each path through 
     "pointwise stride 2": (4, 6, 1, 2, 0, 1),
     "pointwise padded": (4, 6, 1, 1, 1, 1),
     "depthwise": (4, 4, 3, 2, 1, 4),
+    "depthwise pointwise": (4, 8, 1, 1, 0, 4),  # a field is one value
     "depthwise x2": (4, 8, 3, 1, 1, 4),  # two filters per channel: outputs regrouped to scale
     "grouped": (6, 4, 3, 1, 1, 2),
 }
@@ -102,10 +103,11 @@ BODY_PATHS = {  # (in, out, kernel, stride, padding, groups): each path through 
 @pytest.mark.parametrize("case", list(BODY_PATHS))
 def test_conv_function_body_matches_reference(tmp_path, case, centered):
     """One CosineConv node, run as its body by onnxruntime and onnx's ReferenceEvaluator, against the
-    float64 unfold reference."""
+    float64 unfold reference; zero fields too (a zero sample, a zero patch), which give the bias."""
     c_in, c_out, k, stride, padding, groups = BODY_PATHS[case]
     layer = CosineConv2d(c_in, c_out, k, stride, padding, groups=groups, centered=centered).eval()
     x = torch.randn(3, c_in, 7, 7)
+    x[1], x[2, :, 2:5, 2:5] = 0, 0
     with torch.no_grad():
         expected = cosine_reference(x, layer.weight, layer.bias, stride, padding, 1, groups, centered=centered).numpy()
     path = cosconvert.export_onnx(layer, x[:1], tmp_path / "layer.onnx")

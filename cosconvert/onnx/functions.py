@@ -17,8 +17,8 @@ The bodies branch (``If``) on attributes and on W's shape alone. onnxruntime inl
 function no provider claims and then folds such branches, so each layer runs only its own
 path: 6 to 8 nodes for a plain cosine conv (it does not drop unused nodes, which is why
 nothing is computed outside the branch that needs it). Where a field is one position (a 1x1
-kernel, no stride or padding) X is divided by its norm before the Conv, which then adds the
-bias and takes onnxruntime's fusions with the activation after it. The helper functions are
+kernel, no stride or padding) X is divided by its norm (``ReduceL2`` over the channels) before
+the Conv, which then adds the bias and takes onnxruntime's fusions with the activation after it. The helper functions are
 inlined into the two ops' bodies when the file is written (:func:`function_protos`).
 """
 
@@ -168,14 +168,6 @@ def CosineConv(
     one = op.Constant(value_ints=[1])
     groups = op.Reshape(op.Constant(value_int=group), one)
     per_group = op.Shape(W, start=1, end=2)  # C / group
-    window_sq = WindowSum(  # |x|^2 of every field: (N, group, *out)
-        GroupSum(x * x, W, group=group), W, strides=strides, pads=pads, dilations=dilations, group=group
-    )
-    if op.Cast(op.Constant(value_int=centered), to=BOOL.dtype):
-        energy = CenteredEnergy(x, W, window_sq, strides=strides, pads=pads, dilations=dilations, group=group)
-        norm = CenteredNorm(energy, window_sq, eps=eps)
-    else:
-        norm = Norm(window_sq, eps=eps)
     single = op.Equal(op.ReduceProd(op.Shape(W, start=2), keepdims=1), one)
     unpadded = op.Equal(op.ReduceMax(op.Constant(value_ints=pads), keepdims=1), op.Constant(value_ints=[0]))
     unstrided = op.Equal(op.ReduceMax(op.Constant(value_ints=strides), keepdims=1), one)
@@ -183,9 +175,22 @@ def CosineConv(
     plain = op.Not(op.Cast(op.Constant(value_int=centered), to=BOOL.dtype))  # a centered X is off by its mean
     if op.And(op.And(op.And(single, broadcasts), op.And(unpadded, unstrided)), plain):
         # A field is one position: scale the input first, and the Conv adds the bias (and takes
-        # onnxruntime's fusions with the activation after it).
+        # onnxruntime's fusions with the activation after it). Its norm: one ReduceL2, then the floor.
+        floor = op.CastLike(op.Constant(value_float=eps), x)
+        if op.Equal(per_group, one):
+            norm = op.Max(op.Abs(x), floor)  # depthwise: a field is one value
+        else:
+            norm = op.Max(op.ReduceL2(x, one, keepdims=1), floor)
         out = op.Conv(op.CastLike(x / norm, X), W, B, strides=strides, pads=pads, dilations=dilations, group=group)
     else:
+        window_sq = WindowSum(  # |x|^2 of every field: (N, group, *out)
+            GroupSum(x * x, W, group=group), W, strides=strides, pads=pads, dilations=dilations, group=group
+        )
+        if op.Cast(op.Constant(value_int=centered), to=BOOL.dtype):
+            energy = CenteredEnergy(x, W, window_sq, strides=strides, pads=pads, dilations=dilations, group=group)
+            norm = CenteredNorm(energy, window_sq, eps=eps)
+        else:
+            norm = Norm(window_sq, eps=eps)
         y = op.Cast(op.Conv(X, W, strides=strides, pads=pads, dilations=dilations, group=group), to=FLOAT.dtype)
         if op.Or(op.Equal(groups, one), op.Equal(op.Shape(W, start=0, end=1), groups)):
             scaled = y / norm  # one norm for all output channels, or one for each
