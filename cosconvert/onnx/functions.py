@@ -15,7 +15,7 @@ by a constant per sample and group, and keeps for each field the form that cance
 
 The bodies branch (``If``) on attributes and on W's shape alone. onnxruntime inlines a
 function no provider claims and then folds such branches, so each layer runs only its own
-path: 6 to 8 nodes for a plain cosine conv (it does not drop unused nodes, which is why
+path: 4 to 8 nodes for a plain cosine conv (it does not drop unused nodes, which is why
 nothing is computed outside the branch that needs it). Where a field is one position (a 1x1
 kernel, no stride or padding) X is divided by its norm (``ReduceL2`` over the channels) before
 the Conv, which then adds the bias and takes onnxruntime's fusions with the activation after it. The helper functions are
@@ -163,7 +163,7 @@ def CosineConv(
     """Cosine convolution of X (N, C, *spatial) with normalized W (O, C/group, *kernel), bias B (O,).
 
     Every branch tests only attributes and W's shape, so a runtime that inlines the function folds
-    them to constants: what runs is this layer's own path (on onnxruntime, 6 to 8 nodes)."""
+    them to constants: what runs is this layer's own path (on onnxruntime, 4 to 8 nodes)."""
     x = op.Cast(X, to=FLOAT.dtype)
     one = op.Constant(value_ints=[1])
     groups = op.Reshape(op.Constant(value_int=group), one)
