@@ -119,6 +119,26 @@ def test_conv_function_body_matches_reference(tmp_path, case, centered):
     np.testing.assert_allclose(on_reference, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("centered", [False, True], ids=["cosine", "centered"])
+def test_linear_function_body_matches_reference(tmp_path, centered):
+    """One CosineLinear node on onnxruntime and onnx's ReferenceEvaluator against the float64
+    reference, a zero row and a constant row included (both give the bias in the centered form; the
+    zero row in the plain one)."""
+    torch.manual_seed(0)
+    plain = nn.Linear(16, 5)
+    layer = CosineLinear.from_module(plain, centered=centered).eval()
+    x = torch.randn(4, 16)
+    x[1], x[2] = 0, 3.0
+    with torch.no_grad():
+        expected = linear_reference(x, plain.weight, plain.bias, centered=centered, gain=layer.gain).numpy()
+    path = cosconvert.export_onnx(layer, x[:1], tmp_path / "layer.onnx")
+    feed = {onnx.load(path).graph.input[0].name: x.numpy()}
+    (on_ort,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)
+    (on_reference,) = ReferenceEvaluator(str(path)).run(None, feed)
+    np.testing.assert_allclose(on_ort, expected, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(on_reference, expected, atol=1e-5, rtol=0)
+
+
 OFFSET_CASES = {name: BODY_PATHS[name] for name in ("dense 3x3", "pointwise padded", "depthwise", "grouped")}
 
 

@@ -211,11 +211,11 @@ def CosineLinear(X, W, B, centered: int, eps: float):
     """Cosine linear layer: X (..., in), normalized W (out, in), bias B (out,)."""
     x = op.Cast(X, to=FLOAT.dtype)
     last = op.Constant(value_ints=[-1])
-    sum_sq = op.ReduceSumSquare(x, last, keepdims=1)
     if op.Cast(op.Constant(value_int=centered), to=BOOL.dtype):
+        sum_sq = op.ReduceSumSquare(x, last, keepdims=1)
         norm = CenteredNorm(op.ReduceSumSquare(x - op.ReduceMean(x, last), last, keepdims=1), sum_sq, eps=eps)
     else:
-        norm = Norm(sum_sq, eps=eps)
+        norm = op.Max(op.ReduceL2(x, last, keepdims=1), op.CastLike(op.Constant(value_float=eps), x))
     y = op.MatMul(X, op.Transpose(W, perm=[1, 0]))
     return op.CastLike(op.Cast(y, to=FLOAT.dtype) / norm, X) + B
 
