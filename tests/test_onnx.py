@@ -1,5 +1,7 @@
 """Export to ONNX with custom ops, run on the real onnxruntime, and validate against PyTorch."""
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -99,6 +101,17 @@ BODY_PATHS = {  # (in, out, kernel, stride, padding, groups): each path through 
 }
 
 
+def _file_gives(layer: nn.Module, x: torch.Tensor, expected, tmp_path, atol: float) -> Path:
+    """Export ``layer``; onnxruntime and onnx's ReferenceEvaluator must both give ``expected`` on ``x``."""
+    path = cosconvert.export_onnx(layer, x[:1], tmp_path / "layer.onnx")
+    feed = {onnx.load(path).graph.input[0].name: x.numpy()}
+    (on_ort,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)
+    (on_reference,) = ReferenceEvaluator(str(path)).run(None, feed)
+    np.testing.assert_allclose(on_ort, expected, atol=atol, rtol=0)
+    np.testing.assert_allclose(on_reference, expected, atol=atol, rtol=0)
+    return path
+
+
 @pytest.mark.parametrize("centered", [False, True], ids=["cosine", "centered"])
 @pytest.mark.parametrize("case", list(BODY_PATHS))
 def test_conv_function_body_matches_reference(tmp_path, case, centered):
@@ -110,13 +123,8 @@ def test_conv_function_body_matches_reference(tmp_path, case, centered):
     x[1], x[2, :, 2:5, 2:5] = 0, 0
     with torch.no_grad():
         expected = cosine_reference(x, layer.weight, layer.bias, stride, padding, 1, groups, centered=centered).numpy()
-    path = cosconvert.export_onnx(layer, x[:1], tmp_path / "layer.onnx")
+    path = _file_gives(layer, x, expected, tmp_path, atol=1e-5)
     assert [n.op_type for n in onnx.load(path).graph.node] == ["CosineConv"]
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (on_ort,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-    (on_reference,) = ReferenceEvaluator(str(path)).run(None, {session.get_inputs()[0].name: x.numpy()})
-    np.testing.assert_allclose(on_ort, expected, atol=1e-5, rtol=0)
-    np.testing.assert_allclose(on_reference, expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("centered", [False, True], ids=["cosine", "centered"])
@@ -131,12 +139,7 @@ def test_linear_function_body_matches_reference(tmp_path, centered):
     x[1], x[2] = 0, 3.0
     with torch.no_grad():
         expected = linear_reference(x, plain.weight, plain.bias, centered=centered, gain=layer.gain).numpy()
-    path = cosconvert.export_onnx(layer, x[:1], tmp_path / "layer.onnx")
-    feed = {onnx.load(path).graph.input[0].name: x.numpy()}
-    (on_ort,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)
-    (on_reference,) = ReferenceEvaluator(str(path)).run(None, feed)
-    np.testing.assert_allclose(on_ort, expected, atol=1e-5, rtol=0)
-    np.testing.assert_allclose(on_reference, expected, atol=1e-5, rtol=0)
+    _file_gives(layer, x, expected, tmp_path, atol=1e-5)
 
 
 OFFSET_CASES = {name: BODY_PATHS[name] for name in ("dense 3x3", "pointwise padded", "depthwise", "grouped")}
@@ -160,12 +163,7 @@ def test_centered_on_offset_input_matches_reference(tmp_path, case):
         expected = cosine_reference(x, w, b, stride, padding, 1, groups, centered=True)
     with torch.no_grad():
         np.testing.assert_allclose(layer(x).double(), expected, atol=5e-5, rtol=0)
-    path = cosconvert.export_onnx(layer, x[:1], tmp_path / "layer.onnx")
-    feed = {onnx.load(path).graph.input[0].name: x.numpy()}
-    (on_ort,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)
-    (on_reference,) = ReferenceEvaluator(str(path)).run(None, feed)
-    np.testing.assert_allclose(on_ort, expected.numpy(), atol=5e-5, rtol=0)
-    np.testing.assert_allclose(on_reference, expected.numpy(), atol=5e-5, rtol=0)
+    _file_gives(layer, x, expected.numpy(), tmp_path, atol=5e-5)
 
 
 @pytest.mark.parametrize("case", ["dense 3x3", "depthwise"])
@@ -181,12 +179,7 @@ def test_centered_on_small_field_in_large_channel_matches_reference(tmp_path, ca
     x[:, :, 1, 1] = 1e-3  # and one small value
     w, b = layer.weight.detach(), layer.bias.detach()
     expected = cosine_reference(x, w, b, stride, padding, 1, groups, centered=True).numpy()
-    path = cosconvert.export_onnx(layer, x[:1], tmp_path / "layer.onnx")
-    feed = {onnx.load(path).graph.input[0].name: x.numpy()}
-    (on_ort,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)
-    (on_reference,) = ReferenceEvaluator(str(path)).run(None, feed)
-    np.testing.assert_allclose(on_ort, expected, atol=5e-5, rtol=0)
-    np.testing.assert_allclose(on_reference, expected, atol=5e-5, rtol=0)
+    _file_gives(layer, x, expected, tmp_path, atol=5e-5)
 
 
 def test_inline_leaves_standard_ops_and_reference_evaluator_agrees(tmp_path):
