@@ -43,6 +43,12 @@ def Norm(sum_sq, eps: float):
 
 
 @script(cosconvert_domain, default_opset=op)
+def Floored(norm, eps: float):
+    """``max(norm, eps)``: a zero vector's norm, so that dividing by it gives 0."""
+    return op.Max(norm, op.CastLike(op.Constant(value_float=eps), norm))
+
+
+@script(cosconvert_domain, default_opset=op)
 def CenteredNorm(energy, sum_sq, eps: float):
     """``max(|x - mean x|, eps)`` of vectors from their centered energy ``|x - mean x|^2`` and raw
     ``|x|^2``; infinite where a vector is constant (energy under ``CONSTANT_TOL`` of the raw), so
@@ -176,11 +182,10 @@ def CosineConv(
     if op.And(op.And(op.And(single, broadcasts), op.And(unpadded, unstrided)), plain):
         # A field is one position: scale the input first, and the Conv adds the bias (and takes
         # onnxruntime's fusions with the activation after it). Its norm: one ReduceL2, then the floor.
-        floor = op.CastLike(op.Constant(value_float=eps), x)
         if op.Equal(per_group, one):
-            norm = op.Max(op.Abs(x), floor)  # depthwise: a field is one value
+            norm = Floored(op.Abs(x), eps=eps)  # depthwise: a field is one value
         else:
-            norm = op.Max(op.ReduceL2(x, one, keepdims=1), floor)
+            norm = Floored(op.ReduceL2(x, one, keepdims=1), eps=eps)
         out = op.Conv(op.CastLike(x / norm, X), W, B, strides=strides, pads=pads, dilations=dilations, group=group)
     else:
         window_sq = WindowSum(  # |x|^2 of every field: (N, group, *out)
@@ -215,13 +220,14 @@ def CosineLinear(X, W, B, centered: int, eps: float):
         sum_sq = op.ReduceSumSquare(x, last, keepdims=1)
         norm = CenteredNorm(op.ReduceSumSquare(x - op.ReduceMean(x, last), last, keepdims=1), sum_sq, eps=eps)
     else:
-        norm = op.Max(op.ReduceL2(x, last, keepdims=1), op.CastLike(op.Constant(value_float=eps), x))
+        norm = Floored(op.ReduceL2(x, last, keepdims=1), eps=eps)
     y = op.MatMul(X, op.Transpose(W, perm=[1, 0]))
     return op.CastLike(op.Cast(y, to=FLOAT.dtype) / norm, X) + B
 
 
 HELPERS = (
     Norm,
+    Floored,
     CenteredNorm,
     GroupSum,
     Ones,
