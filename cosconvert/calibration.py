@@ -36,20 +36,19 @@ def batch_inputs(batch) -> tuple:
     return (batch[0],)
 
 
-def _unit_sums(cos: Tensor, target: Tensor, dim: int) -> dict[str, Tensor | int]:
-    """Per unit (axis ``dim``), over all its positions: the sums of ``c``, ``y``, ``c^2`` and ``c y``
-    in float64, and their count ``n``. Taken a few samples at a time, so that the float64 copies stay
-    small (~8 MB) whatever the batch."""
+def _add_unit_sums(sums: dict, cos: Tensor, target: Tensor, dim: int) -> None:
+    """Add to ``sums``, per unit (axis ``dim``) over all its positions, the float64 sums of ``c``,
+    ``y``, ``c^2`` and ``c y``, and their count ``n``. Taken a few samples at a time, so that the
+    float64 copies stay small (~8 MB) whatever the batch."""
     if dim == 0:  # an unbatched input
         cos, target, dim = cos[None], target[None], 1
     rest = [d for d in range(cos.dim()) if d != dim]
     per_chunk = max(1, 2**20 // max(1, cos[0].numel()))
-    sums: dict[str, Tensor | int] = {"n": cos.numel() // cos.shape[dim]}
+    sums["n"] = sums.get("n", 0) + cos.numel() // cos.shape[dim]
     for c, y in zip(cos.split(per_chunk), target.split(per_chunk)):
         c, y = c.double(), y.double()
         for key, value in [("c", c.sum(rest)), ("y", y.sum(rest)), ("cc", (c * c).sum(rest)), ("cy", (c * y).sum(rest))]:  # fmt: skip
             sums[key] = sums.get(key, 0) + value
-    return sums
 
 
 class _Fit:
@@ -74,8 +73,7 @@ class _Fit:
         cos = layer.forward(x)
         layer.gain, layer.bias = gain, bias
         dim = cos.dim() - 1 if isinstance(layer, CosineLinear) else cos.dim() - layer.weight.dim() + 1  # units
-        for key, value in _unit_sums(cos, target, dim).items():
-            self.sums[key] = self.sums.get(key, 0) + value
+        _add_unit_sums(self.sums, cos, target, dim)
         self.apply()
         shape = [1] * cos.dim()
         shape[dim] = -1
