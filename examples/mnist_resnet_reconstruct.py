@@ -72,14 +72,16 @@ def mnist(train_size: int = 4000, test_size: int = 1000) -> tuple[TensorDataset,
     return TensorDataset(x[train], y[train]), TensorDataset(x[test], y[test])
 
 
-def train_original(train: TensorDataset, width: int, epochs: int, cache: Path, device: str = "cpu") -> MnistResNet:
-    torch.manual_seed(0)  # the initial weights too
+def train_original(
+    train: TensorDataset, width: int, epochs: int, cache: Path, device: str = "cpu", seed: int = 0
+) -> MnistResNet:
+    torch.manual_seed(seed)  # the initial weights too
     model = MnistResNet(width).to(device)
     if cache.is_file():
         model.load_state_dict(torch.load(cache, map_location=device, weights_only=True))
         return model.eval()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    loader = DataLoader(train, 64, shuffle=True, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(train, 64, shuffle=True, generator=torch.Generator().manual_seed(seed))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=epochs * len(loader))
     model.train()
     for epoch in range(epochs):
@@ -128,8 +130,9 @@ def run(args) -> dict:
     torch.set_num_threads(args.threads)
     train, test = mnist(args.train_size, args.test_size)
     on = "" if args.device == "cpu" else f"_{args.device}"  # an original trained elsewhere is another original
+    on += f"_o{args.original_seed}" if args.original_seed else ""
     cache = Path(args.cache or f"/tmp/cosconvert_mnist_resnet_w{args.width}_n{args.train_size}_e{args.epochs}{on}.pt")
-    original = train_original(train, args.width, args.epochs, cache, args.device)
+    original = train_original(train, args.width, args.epochs, cache, args.device, args.original_seed)
     result = {"original": {"accuracy": evaluate(original, DataLoader(test, 250))["accuracy"], "agreement": 100.0},
               "settings": vars(args), "strip": {}}  # fmt: skip
     print(f"original: held-out accuracy {result['original']['accuracy']}%", flush=True)
@@ -228,6 +231,7 @@ def main() -> None:
                         help="reconstruct's blocks: auto (layerN.M), stages (conv1, layerN, fc) or comma-separated names")  # fmt: skip
     parser.add_argument("--temperature", type=float, default=4.0, help="every distillation's softmax temperature")
     parser.add_argument("--seed", type=int, default=0, help="reconstruct's and distillation's batch order")
+    parser.add_argument("--original-seed", type=int, default=0, help="the original's initial weights and batch order")
     parser.add_argument("--train", default="all", choices=("all", "affine"))
     parser.add_argument("--strip", nargs="+", default=["fold", "drop"], choices=("fold", "drop"))
     parser.add_argument("--quick", action="store_true", help="only calibration and reconstruct (no distillation)")

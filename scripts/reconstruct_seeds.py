@@ -2,10 +2,10 @@
 
     python scripts/reconstruct_seeds.py RUN_DIR/reconstruction.json ... > seeds.md
 
-One row per run (its seed and amp), then per amp: the means, and reconstruct + 1 epoch minus
+One row per run (its amp, its original's seed and accuracy, its seed), then per amp: the means, and reconstruct + 1 epoch minus
 5 epochs of distillation (accuracy and agreement with the original), with its standard error and
-the count of wins, ties and losses. Runs that share a seed and the original's cache path differ
-only in the setting that the table names, so the amp groups can be set side by side.
+the count of wins, ties and losses. Runs that share both seeds differ only in the setting
+that the table names, so the amp groups can be set side by side.
 """
 
 import json
@@ -27,14 +27,15 @@ def main(paths: list[str]) -> None:
         rows = result["strip"]["fold"]["rows"]
         picked = [next(v for k, v in rows.items() if k.startswith(c)) for c in COLUMNS]
         settings = result["settings"]
-        runs.append((str(settings.get("amp", "auto")), settings["seed"], result["original"]["accuracy"], picked))
-    runs.sort(key=lambda r: (r[0], r[1]))
-    print("| amp | seed | original % | reconstruct (agreement) | distillation, same wall-clock | "
+        amp, original_seed = str(settings.get("amp", "auto") or "none"), settings.get("original_seed", 0)
+        runs.append((amp, original_seed, settings["seed"], result["original"]["accuracy"], picked))
+    runs.sort(key=lambda r: r[:3])
+    print("| amp | original: seed, accuracy % | seed | reconstruct (agreement) | distillation, same wall-clock | "
           "reconstruct + 1 epoch | 5 epochs distillation |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
     groups = defaultdict(list)
-    for amp, seed, original, picked in runs:
-        print(f"| {amp} | {seed} | {original} | " + " | ".join(cell(r) for r in picked) + " |")
+    for amp, original_seed, seed, original, picked in runs:
+        print(f"| {amp} | {original_seed}, {original} | {seed} | " + " | ".join(cell(r) for r in picked) + " |")
         groups[amp].append(picked)
     print(
         "\n| amp | runs | means: reconstruct, + 1 epoch, 5 epochs | + 1 epoch minus 5 epochs: accuracy | agreement | wins, ties, losses |"
