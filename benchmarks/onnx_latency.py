@@ -1,6 +1,6 @@
 """onnxruntime CPU latency of converted networks against the originals, side by side.
 
-    python benchmarks/onnx_latency.py [--repeat 20]
+    python benchmarks/onnx_latency.py [--repeat 20] [--threads 1 2]
 
 The original is exported with its BatchNorms (onnxruntime folds them into the convs);
 the converted one has its norms folded into the cosine layers (strip_norms="fold").
@@ -22,9 +22,11 @@ from _timing import compare
 import cosconvert
 
 
-def session(path: Path) -> tuple[ort.InferenceSession, int]:
-    """A CPU session and the node count of the graph onnxruntime runs (after inlining and folding)."""
+def session(path: Path, threads: int = 0) -> tuple[ort.InferenceSession, int]:
+    """A CPU session with ``threads`` intra-op threads (0: onnxruntime's default, one per core) and the
+    node count of the graph onnxruntime runs (after inlining and folding)."""
     options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
     options.optimized_model_filepath = str(path.with_suffix(".optimized.onnx"))
     options.log_severity_level = 3  # its warning that the optimized file is machine-specific
     s = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -49,25 +51,28 @@ def export_pair(name: str, folder: Path, dynamic_batch: bool = True) -> tuple[Pa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--repeat", type=int, default=20, help="timed runs at batch 1 (a tenth, at least 5, at 16)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[0], help="intra-op threads; 0: one per core")
     args = parser.parse_args()
     print(f"onnxruntime {ort.__version__}, CPUExecutionProvider, float32, 224x224\n")
-    print(f"{'model':20} {'batch':>5} {'original ms':>12} {'cosine ms':>10} {'ratio':>6}  nodes run (original, cosine)")
+    print(f"{'model':20} {'threads':>7} {'batch':>5} {'original ms':>12} {'cosine ms':>10} {'ratio':>6}"
+          "  nodes run (original, cosine)")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         for name in ["resnet18", "mobilenet_v3_small", "efficientnet_b0"]:
             plain_path, cos_path = export_pair(name, Path(tmp))
-            (plain, plain_nodes), (cos, cos_nodes) = session(plain_path), session(cos_path)
-            for batch in [1, 16]:
-                x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
-                feeds = {s: {s.get_inputs()[0].name: x} for s in (plain, cos)}
-                t = compare(
-                    {"plain": lambda: plain.run(None, feeds[plain]), "cos": lambda: cos.run(None, feeds[cos])},
-                    repeat=args.repeat,
-                )
-                print(
-                    f"{name:20} {batch:5} {t['plain'] * 1e3:12.2f} {t['cos'] * 1e3:10.2f} {t['cos'] / t['plain']:6.2f}"
-                    f"  {plain_nodes}, {cos_nodes}"
-                )
+            for threads in args.threads:
+                (plain, plain_nodes), (cos, cos_nodes) = session(plain_path, threads), session(cos_path, threads)
+                for batch in [1, 16]:
+                    x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
+                    feeds = {s: {s.get_inputs()[0].name: x} for s in (plain, cos)}
+                    t = compare(
+                        {"plain": lambda: plain.run(None, feeds[plain]), "cos": lambda: cos.run(None, feeds[cos])},
+                        repeat=args.repeat if batch == 1 else max(args.repeat // 10, 5),
+                    )
+                    print(
+                        f"{name:20} {threads or 'all':>7} {batch:5} {t['plain'] * 1e3:12.2f} {t['cos'] * 1e3:10.2f}"
+                        f" {t['cos'] / t['plain']:6.2f}  {plain_nodes}, {cos_nodes}"
+                    )
 
 
 if __name__ == "__main__":
