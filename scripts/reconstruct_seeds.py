@@ -2,10 +2,10 @@
 
     python scripts/reconstruct_seeds.py RUN_DIR/reconstruction.json ... > seeds.md
 
-One row per run (its amp, its original's seed and accuracy, its seed), then per amp: the means, and reconstruct + 1 epoch minus
-5 epochs of distillation (accuracy and agreement with the original), with its standard error and
-the count of wins, ties and losses. Runs that share both seeds differ only in the setting
-that the table names, so the amp groups can be set side by side.
+One row per run (its amp, its original's seed and accuracy, its seed), then per amp: the means,
+and reconstruct + 1 epoch minus 5 epochs of distillation (accuracy and agreement with the original),
+with its standard error and the count of wins, ties and losses. Runs that share both seeds differ only
+in the setting that the table names, so the amp groups can be set side by side.
 """
 
 import json
