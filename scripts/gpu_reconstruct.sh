@@ -2,8 +2,8 @@
 # On a lent CUDA GPU: #13's checks. reconstruct's AMP modes (gpu_check --checks amp, no onnxruntime-gpu
 # needed), its CUDA memory at 224x224, then target 2 in float32 (--amp none) over as many runs as BUDGET
 # seconds allow: originals trained there with seeds 0-4, two seeds of each. On the CPU the comparison is
-# level, in float32 and bf16 alike (docs/reconstruction.md); the originals are copied to OUT_DIR/originals
-# so that the CPU can run them too and tell the original's effect from CUDA's.
+# level, in float32 and bf16 alike (docs/reconstruction.md); the originals are kept in OUT_DIR/originals
+# (--cache) so that the CPU can run them too and tell the original's effect from CUDA's.
 # Writes amp.md, memory.txt, seeds.md and originals/ to OUT_DIR. Needs mlxtend (carry its wheel).
 # Usage: BUDGET=400 OUT_DIR=/tmp/gr bash scripts/gpu_reconstruct.sh
 set -u
@@ -19,8 +19,8 @@ for seed in 0 1; do
   for original in 0 1 2 3 4; do
     if (( SECONDS - start > ${BUDGET:-400} )); then break 2; fi
     python3 examples/mnist_resnet_reconstruct.py "${args[@]}" --original-seed "$original" --seed "$seed" \
-      --out "$out/runs/o${original}_s$seed" >"$out/runs.log" 2>&1 || { tail -5 "$out/runs.log"; exit 1; }
-    cp /tmp/cosconvert_mnist_resnet_w12_n4000_e10_cuda*.pt "$out/originals/"
+      --cache "$out/originals/w12_e10_cuda_o$original.pt" --out "$out/runs/o${original}_s$seed" \
+      >"$out/runs.log" 2>&1 || { tail -5 "$out/runs.log"; exit 1; }
     echo "original $original, seed $seed: done at $((SECONDS - start)) s"
   done
 done

@@ -18,8 +18,9 @@ function no provider claims and then folds such branches, so each layer runs onl
 path: 4 to 8 nodes for a plain cosine conv (it does not drop unused nodes, which is why
 nothing is computed outside the branch that needs it). Where a field is one position (a 1x1
 kernel, no stride or padding) X is divided by its norm (``ReduceL2`` over the channels) before
-the Conv, which then adds the bias and takes onnxruntime's fusions with the activation after it. The helper functions are
-inlined into the two ops' bodies when the file is written (:func:`function_protos`).
+the Conv, which then adds the bias and takes onnxruntime's fusions with the activation after it.
+The helper functions are inlined into the two ops' bodies when the file is written
+(:func:`function_protos`).
 """
 
 import onnx
