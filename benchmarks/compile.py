@@ -12,6 +12,9 @@ Compilation happens before timing; ratios are converted / original, interleaved 
 as constants, so each cosine layer's weight norms are computed once at compile time instead of on
 every call (training graphs are unchanged). It assumes the weights no longer change, as serving does.
 
+``--floor`` times, instead, compiled inference of each model's floor beside the original and the
+converted network: the converted network with every ``1 / |x|`` a constant (benchmarks/onnx_floor.py).
+
 ``--runs N`` repeats the models' part in N fresh processes and prints each ratio and their median: the
 same compiled pair moved by up to 0.15 from one process to the next on the 2-core machine, more than
 between the repeats inside one.
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 import torchvision
 from _timing import compare
 from layers import SHAPES
+from onnx_floor import floor_model
 from train_step import step_fn
 
 import cosconvert
@@ -88,8 +92,32 @@ def models(args) -> None:
             torch._dynamo.reset()
 
 
+def floors(args) -> None:
+    """Compiled inference of the original, the converted network and its floor (benchmarks/onnx_floor.py:
+    every cosine layer's ``1 / |x|`` a constant), side by side: what the norms themselves cost."""
+    print(f"{'model':20} {'original ms':>12} {'cosine':>7} {'floor':>7}")
+    for name in args.models:
+        torch.manual_seed(0)
+        kwargs = {"image_size": args.size} if name.startswith("vit") else {}
+        x = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
+        original = torchvision.models.get_model(name, **kwargs).to(args.device).eval()
+        converted = cosconvert.convert(original)
+        nets = {"original": original, "cosine": converted, "floor": floor_model(converted, x)}
+        fns = {key: timed(args.device, infer(net, x)) for key, net in nets.items()}
+        t = compare(fns, repeat=args.repeat, warmup=1)
+        print(
+            f"{name:20} {t['original'] * 1e3:12.1f} {t['cosine'] / t['original']:6.2f}x {t['floor'] / t['original']:6.2f}x",
+            flush=True,
+        )
+        torch._dynamo.reset()
+
+
 def layers(args) -> None:
-    print(f"\n{'shape':28} {'pass':8} {'conv ms':>8} {'cos ms':>8} {'cos/conv':>8}")
+    """Each layer shape's compiled cosine conv against the compiled plain conv. ``read/conv`` is a
+    compiled pass that only reads the input once (``x.sum()``), over the conv: what any norm that reads
+    the input apart from the convolution costs at least, in the forward pass."""
+    print(f"\n{'shape':28} {'pass':8} {'conv ms':>8} {'cos ms':>8} {'cos/conv':>8} {'read/conv':>9}")
+    read = torch.compile(lambda x: x.sum(), fullgraph=True)
     for name, (cin, cout, size, k, stride, groups) in SHAPES.items():
         if groups != 1:
             continue  # the ResNet-50 shapes
@@ -107,9 +135,13 @@ def layers(args) -> None:
                         out.sum().backward()
                 sync(args.device)
 
-            t = compare({"conv": lambda: run(conv), "cos": lambda: run(cos)}, repeat=args.repeat * 3, warmup=2)
+            fns = {"conv": lambda: run(conv), "cos": lambda: run(cos)}
+            if not grad:
+                fns["read"] = lambda: run(lambda x, w: read(x))
+            t = compare(fns, repeat=args.repeat * 3, warmup=2)
+            reads = f"{t['read'] / t['conv']:9.2f}" if "read" in t else f"{'':9}"
             print(
-                f"{name:28} {label:8} {t['conv'] * 1e3:8.2f} {t['cos'] * 1e3:8.2f} {t['cos'] / t['conv']:8.2f}",
+                f"{name:28} {label:8} {t['conv'] * 1e3:8.2f} {t['cos'] * 1e3:8.2f} {t['cos'] / t['conv']:8.2f} {reads}",
                 flush=True,
             )
         torch._dynamo.reset()
@@ -140,6 +172,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=["resnet18", "resnet50", "mobilenet_v3_large", "vit_b_16"])
     parser.add_argument("--layers", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--freezing", action="store_true", help="inductor freezing: weights as constants")
+    parser.add_argument("--floor", action="store_true", help="only the inference floors (see floors())")
     parser.add_argument("--runs", type=int, default=1, help="processes for the models' part (median printed)")
     args = parser.parse_args()
     if args.runs > 1:  # the child's arguments from the parsed ones, so no spelling of --runs reaches it
@@ -150,6 +183,8 @@ def main() -> None:
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
     backend = "inductor, freezing" if args.freezing else "inductor"
     print(f"torch {torch.__version__}, {device}, {backend}, float32, batch {args.batch}, {args.size}x{args.size}\n")
+    if args.floor:
+        return floors(args)
     models(args)
     if args.layers:
         layers(args)

@@ -1,0 +1,116 @@
+"""How fast could a converted network run on onnxruntime if its norms cost nothing?
+
+    python benchmarks/onnx_floor.py [--repeat 200] [--threads 1 2] [--models resnet18 mobilenet_v3_small]
+
+The floor network is the converted one with every cosine layer's ``1 / |x|`` replaced by a constant
+(the values it takes on one fixed input): each layer runs ``Conv`` (or ``MatMul``) without bias, a
+``Mul`` by that constant and the bias ``Add``. That is the least any graph can do that keeps
+onnxruntime's own convolution and applies the norm after it, as the export does; only a convolution
+kernel of our own that sums its input's squares as it reads them could go below it. Batch 1, the
+original, the converted network and the floor in one process, interleaved in blocks of calls (see
+onnx_latency.py).
+"""
+
+import argparse
+import contextlib
+import copy
+import io
+import tempfile
+from pathlib import Path
+
+import onnxruntime as ort
+import torch
+import torch.nn.functional as F
+import torchvision
+from _timing import compare
+from onnx_latency import BLOCK, export_pair, session
+from torch import nn
+
+import cosconvert
+from cosconvert.functional import normalize_weight, receptive_field_inverse_norm
+
+
+class FreeNorm(nn.Module):
+    """A cosine layer's product with its normalized weight, scaled by a fixed ``1 / |x|`` (shape
+    ``(1, C_out, *out)``, ``(1, 1, *out)`` or ``(1, 1)``), plus its bias: the layer once its input's
+    norms are known. On the input they were taken from it computes what the layer does."""
+
+    def __init__(self, layer: nn.Module, inverse_norm: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(normalize_weight(layer.weight, eps=layer.eps, gain=layer.gain).detach())
+        self.bias = layer.bias
+        self.conv = (
+            None if isinstance(layer, nn.Linear) else (layer.stride, layer.padding, layer.dilation, layer.groups)
+        )
+        self.register_buffer("inverse_norm", inverse_norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight) if self.conv is None else F.conv2d(x, self.weight, None, *self.conv)
+        out = out * self.inverse_norm
+        return out if self.bias is None else out + self.bias.view(-1, *[1] * (out.dim() - 2))
+
+
+def floor_model(converted: nn.Module, example: torch.Tensor) -> nn.Module:
+    """A copy of ``converted`` with each cosine ``Linear`` and ``Conv2d`` swapped for :class:`FreeNorm`, holding
+    the norms it meets on ``example``. Other cosine layers (attention) keep their norms."""
+    inputs = {}
+    kinds = (cosconvert.nn.CosineLinear, cosconvert.nn.CosineConv2d)
+    cosine = {n: m for n, m in converted.named_modules() if isinstance(m, kinds)}
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: inputs.__setitem__(n, a[0])) for n, m in cosine.items()]
+    with torch.no_grad():
+        converted(example)
+    for hook in hooks:
+        hook.remove()
+    floor = copy.deepcopy(converted)
+    for name, layer in cosine.items():
+        x = inputs[name]
+        if isinstance(layer, nn.Linear):
+            inverse = 1 / x.norm(dim=-1, keepdim=True).clamp_min(layer.eps)
+        else:
+            inverse = receptive_field_inverse_norm(
+                x, layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.groups, eps=layer.eps
+            ).repeat_interleave(layer.out_channels // layer.groups, 1)
+        parent, _, child = name.rpartition(".")
+        setattr(floor.get_submodule(parent) if parent else floor, child, FreeNorm(layer, inverse))
+    return floor
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=200)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="intra-op threads; 0: one per core")
+    parser.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v3_small"])
+    args = parser.parse_args()
+    print(f"onnxruntime {ort.__version__}, CPUExecutionProvider, float32, batch 1, 224x224\n")
+    print(
+        f"{'model':20} {'threads':>7} {'original ms':>12} {'cosine':>7} {'floor':>7}  nodes run (original, cosine, floor); floor - cosine"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            plain_path, cos_path = export_pair(name, Path(tmp))
+            torch.manual_seed(0)
+            example = torch.randn(1, 3, 224, 224)
+            converted = cosconvert.convert(torchvision.models.get_model(name).eval(), strip_norms="fold")
+            floor = floor_model(converted, example)
+            with torch.no_grad():
+                gap = (floor(example) - converted(example)).abs().max().item()
+            floor_path = Path(tmp) / f"{name}-floor.onnx"
+            with contextlib.redirect_stdout(io.StringIO()):
+                torch.onnx.export(floor, (example,), floor_path, dynamo=True)
+            x = example.numpy()
+            for threads in args.threads:
+                runs, nodes = {}, []
+                for label, path in (("plain", plain_path), ("cos", cos_path), ("floor", floor_path)):
+                    s, count = session(path, threads)
+                    runs[label] = lambda s=s: s.run(None, {s.get_inputs()[0].name: x})
+                    nodes.append(count)
+                t = compare(runs, repeat=max(args.repeat // BLOCK, 2), block=BLOCK)
+                print(
+                    f"{name:20} {threads or 'all':>7} {t['plain'] * 1e3:12.2f} {t['cos'] / t['plain']:6.2f}x"
+                    f" {t['floor'] / t['plain']:6.2f}x  {', '.join(map(str, nodes))}; {gap:.1e}",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()
