@@ -4,8 +4,9 @@
         [--models resnet18 resnet50 mobilenet_v3_large vit_b_16] [--freezing] [--runs 1]
 
 For each model: inference (eval, no_grad) and a training step (forward, backward, SGD update), each
-compiled with ``fullgraph=True``; then single cosine convolutions against plain ones at the four
-ResNet-50 shapes of benchmarks/layers.py, compiled the same way (forward only, and forward+backward).
+compiled with ``fullgraph=True``; then single cosine convolutions against plain ones at the ResNet
+shapes of benchmarks/layers.py (the stem and four of ResNet-50), compiled the same way (forward only,
+and forward+backward).
 Compilation happens before timing; ratios are converted / original, interleaved (see _timing.py).
 
 ``--freezing`` sets inductor's ``freezing`` for both networks: inference graphs then treat parameters
@@ -120,7 +121,7 @@ def layers(args) -> None:
     read = torch.compile(lambda x: x.sum(), fullgraph=True)
     for name, (cin, cout, size, k, stride, groups) in SHAPES.items():
         if groups != 1:
-            continue  # the ResNet-50 shapes
+            continue  # the ResNet shapes
         x = torch.randn(8, cin, size, size, device=args.device, requires_grad=True)
         w = torch.randn(cout, cin, k, k, device=args.device, requires_grad=True)
         conv = torch.compile(lambda x, w: F.conv2d(x, w, None, stride, k // 2), fullgraph=True)

@@ -15,6 +15,7 @@ from _timing import compare
 from cosconvert.functional import cosine_conv2d
 
 SHAPES = {  # name: (in_channels, out_channels, size, kernel, stride, groups)
+    "resnet stem 7x7 3->64 /2 @112": (3, 64, 112, 7, 2, 1),
     "resnet50 3x3 64->64 @56": (64, 64, 56, 3, 1, 1),
     "resnet50 3x3 256->256 @14": (256, 256, 14, 3, 1, 1),
     "resnet50 1x1 256->64 @56": (256, 64, 56, 1, 1, 1),

@@ -237,12 +237,29 @@ def sum_of_squares(x: Tensor, dim: int) -> Tensor:
 
 def _poolable(kernel_size: Sequence[int], padding: str | _IntOrTuple, dilation: _IntOrTuple) -> bool:
     """Whether a sum pool computes this window sum: 2d or 3d, no dilation, integer padding of at
-    most half the kernel (a pool's limits), and few enough taps for inductor to lower it."""
+    most half the kernel (a pool's limits), and few enough taps along each axis for inductor to
+    lower it (see :func:`_sum_pool`)."""
     dims = len(kernel_size)
-    if dims not in _SUM_POOL or isinstance(padding, str) or math.prod(kernel_size) > _POOL_LOWERED:
+    if dims not in _SUM_POOL or isinstance(padding, str) or max(kernel_size) > _POOL_LOWERED:
         return False
     pads_fit = all(2 * p <= k for p, k in zip(_tuple(padding, dims), kernel_size))
     return pads_fit and all(d == 1 for d in _tuple(dilation, dims))
+
+
+def _sum_pool(x: Tensor, kernel_size: Sequence[int], stride: _IntOrTuple, padding: _IntOrTuple) -> Tensor:
+    """Window sums of ``x`` ``(N, C, *spatial)`` by sum pooling (zeros padded in). A window of more
+    taps than inductor lowers is summed one axis at a time, since a box is separable: a 7x7 stem's
+    window is two 7-tap loops instead of a 49-tap one-channel convolution, which took longer here
+    than the stem's own convolution."""
+    dims, pool = len(kernel_size), _SUM_POOL[len(kernel_size)]
+    if math.prod(kernel_size) <= _POOL_LOWERED:
+        return pool(x, kernel_size, stride, padding, count_include_pad=True, divisor_override=1)
+    strides, pads = _tuple(stride, dims), _tuple(padding, dims)
+    for axis in range(dims):
+        one_axis = [[v if i == axis else rest for i, v in enumerate(values)]
+                    for values, rest in ((kernel_size, 1), (strides, 1), (pads, 0))]  # fmt: skip
+        x = pool(x, *one_axis, count_include_pad=True, divisor_override=1)
+    return x
 
 
 def receptive_field_inverse_norm(
@@ -270,7 +287,7 @@ def receptive_field_inverse_norm(
         stacked = torch.cat(sums, 1) if len(sums) > 1 else sums[0]
         if torch.compiler.is_compiling() and _poolable(kernel_size, padding, dilation):
             # Compiled, a small pool is a loop fused with the norm around it; the conv an external call.
-            window = _SUM_POOL[dims](stacked, kernel_size, stride, padding, count_include_pad=True, divisor_override=1)
+            window = _sum_pool(stacked, kernel_size, stride, padding)
         else:
             ones = stacked.new_ones(stacked.shape[1], 1, *kernel_size)
             with _CosineMath():
