@@ -88,9 +88,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             plain_path, cos_path = export_pair(name, Path(tmp))
-            torch.manual_seed(0)
+            torch.manual_seed(0)  # the weights and input of export_pair's files
+            model = torchvision.models.get_model(name).eval()
             example = torch.randn(1, 3, 224, 224)
-            converted = cosconvert.convert(torchvision.models.get_model(name).eval(), strip_norms="fold")
+            converted = cosconvert.convert(model, strip_norms="fold")
             floor = floor_model(converted, example)
             with torch.no_grad():
                 gap = (floor(example) - converted(example)).abs().max().item()
