@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # On a lent CUDA GPU: #13's checks. reconstruct's AMP modes (gpu_check --checks amp, no onnxruntime-gpu
 # needed) and its CUDA memory at 224x224, then target 2 in float32 (--amp none): originals trained there
-# with seeds 0-4, two seeds of each. On the CPU the comparison is level, in float32 and bf16 alike
-# (docs/reconstruction.md); the originals are kept in OUT_DIR/originals (--cache) so that the CPU can
-# run them too and tell the original's effect from CUDA's.
+# with seeds 0-4, two seeds of each. The originals are kept in OUT_DIR/originals (--cache) so that the
+# CPU can run them too (docs/reconstruction.md, "On a GPU again": both devices then give the same
+# reconstruct results; only five epochs of distillation land differently).
 # The width-12 network leaves the GPU idle between its small kernels, so each original runs in its own
 # process, all five at once; a seed-1 run starts only while under BUDGET seconds have passed.
 # Writes amp.md, memory.txt, seeds.md, originals/ and runs/ to OUT_DIR. Needs mlxtend (carry its wheel).
