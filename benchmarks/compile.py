@@ -9,6 +9,9 @@ shapes of benchmarks/layers.py (the stem and four of ResNet-50), compiled the sa
 and forward+backward).
 Compilation happens before timing; ratios are converted / original, interleaved (see _timing.py).
 
+``--strip-norms fold`` converts with the networks' normalizers folded into the cosine layers, as a
+network is served (and as benchmarks/onnx_latency.py exports it); by default they are kept.
+
 ``--freezing`` sets inductor's ``freezing`` for both networks: inference graphs then treat parameters
 as constants, so each cosine layer's weight norms are computed once at compile time instead of on
 every call (training graphs are unchanged). It assumes the weights no longer change, as serving does.
@@ -77,7 +80,7 @@ def models(args) -> None:
         for label, make in [("inference", infer), ("training", train_step)]:
             train = label == "training"
             original = torchvision.models.get_model(name, **kwargs).to(args.device).train(train)
-            converted = cosconvert.convert(original).train(train)
+            converted = cosconvert.convert(original, strip_norms=args.strip_norms or False).train(train)
             start = time.perf_counter()
             fns = {"original": timed(args.device, make(original, x) if not train else make(original, x, y)),
                    "cosine": timed(args.device, make(converted, x) if not train else make(converted, x, y))}  # fmt: skip
@@ -102,7 +105,7 @@ def floors(args) -> None:
         kwargs = {"image_size": args.size} if name.startswith("vit") else {}
         x = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
         original = torchvision.models.get_model(name, **kwargs).to(args.device).eval()
-        converted = cosconvert.convert(original)
+        converted = cosconvert.convert(original, strip_norms=args.strip_norms or False)
         nets = {"original": original, "cosine": converted, "floor": floor_model(converted, x)}
         fns = {key: timed(args.device, infer(net, x)) for key, net in nets.items()}
         t = compare(fns, repeat=args.repeat, warmup=1)
@@ -173,12 +176,14 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=["resnet18", "resnet50", "mobilenet_v3_large", "vit_b_16"])
     parser.add_argument("--layers", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--freezing", action="store_true", help="inductor freezing: weights as constants")
+    parser.add_argument("--strip-norms", choices=["fold", "drop"], help="convert with strip_norms (default: kept)")
     parser.add_argument("--floor", action="store_true", help="only the inference floors (see floors())")
     parser.add_argument("--runs", type=int, default=1, help="processes for the models' part (median printed)")
     args = parser.parse_args()
     if args.runs > 1:  # the child's arguments from the parsed ones, so no spelling of --runs reaches it
         argv = ["--device", args.device, "--batch", str(args.batch), "--size", str(args.size),
                 "--repeat", str(args.repeat), "--models", *args.models] + ["--freezing"] * args.freezing  # fmt: skip
+        argv += ["--strip-norms", args.strip_norms] if args.strip_norms else []
         return across_processes(args.runs, argv)
     torch._inductor.config.freezing = args.freezing
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
