@@ -1,7 +1,7 @@
-"""Compiled resnet18 inference: the original against the converted network with norms kept, with
+"""Compiled inference (resnet18 by default): the original against the converted network with norms kept, with
 norms folded, and folded then frozen (weights normalized once), side by side in one run.
 
-    python benchmarks/compile_frozen.py [--threads 1] [--repeat 7]
+    python benchmarks/compile_frozen.py [--model resnet18] [--threads 1] [--repeat 7]
 
 It shows how much of the compiled converted network's extra time is normalizing every weight on
 every call, which ``cosconvert.freeze`` removes.
@@ -29,13 +29,14 @@ def compiled_inference(model: torch.nn.Module, x: torch.Tensor):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet18", help="a torchvision model name")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=7)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x = torch.randn(4, 3, 112, 112)
-    original = torchvision.models.resnet18().eval()
+    original = torchvision.models.get_model(args.model).eval()
     models = {
         "original": original,
         "converted": cosconvert.convert(original),
