@@ -21,7 +21,7 @@ converted network: the converted network with every ``1 / |x|`` a constant (benc
 
 ``--runs N`` repeats the models' part in N fresh processes and prints each ratio and their median: the
 same compiled pair moved by up to 0.15 from one process to the next on the 2-core machine, more than
-between the repeats inside one.
+between the repeats inside one (before _timing.py kept freed memory in the process; since, 0.01-0.05).
 """
 
 import argparse
@@ -180,6 +180,8 @@ def main() -> None:
     parser.add_argument("--floor", action="store_true", help="only the inference floors (see floors())")
     parser.add_argument("--runs", type=int, default=1, help="processes for the models' part (median printed)")
     args = parser.parse_args()
+    if args.floor and args.runs > 1:
+        parser.error("--floor runs in one process; leave out --runs")
     if args.runs > 1:  # the child's arguments from the parsed ones, so no spelling of --runs reaches it
         argv = ["--device", args.device, "--batch", str(args.batch), "--size", str(args.size),
                 "--repeat", str(args.repeat), "--models", *args.models] + ["--freezing"] * args.freezing  # fmt: skip

@@ -27,7 +27,7 @@ from onnx_latency import BLOCK, export_pair, session
 from torch import nn
 
 import cosconvert
-from cosconvert.functional import normalize_weight, receptive_field_inverse_norm
+from cosconvert.functional import inverse_norm, normalize_weight, receptive_field_inverse_norm, sum_of_squares
 
 
 class FreeNorm(nn.Module):
@@ -63,9 +63,11 @@ def floor_model(converted: nn.Module, example: torch.Tensor) -> nn.Module:
         hook.remove()
     floor = copy.deepcopy(converted)
     for name, layer in cosine.items():
+        if layer.centered or getattr(layer, "padding_mode", "zeros") != "zeros":
+            raise ValueError(f"{name}: the floor models plain cosine layers with zero padding only")
         x = inputs[name]
         if isinstance(layer, nn.Linear):
-            inverse = 1 / x.norm(dim=-1, keepdim=True).clamp_min(layer.eps)
+            inverse = inverse_norm(sum_of_squares(x, -1), layer.eps).unsqueeze(-1)
         else:
             inverse = receptive_field_inverse_norm(
                 x, layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.groups, eps=layer.eps
