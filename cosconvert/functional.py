@@ -35,8 +35,9 @@ shift and its sums are taken in float64 directly.
 
 Under ``torch.compile`` the math traces whole, with no graph break: the sums of squares are plain
 expressions there, which inductor fuses into the kernels around them, in place of the eager
-path's cache-sized pieces and hand-written backward; and a window sum of at most 25 taps is a sum
-pool, which inductor fuses too, where eager takes a grouped convolution with a kernel of ones.
+path's cache-sized pieces and hand-written backward; and a window sum of at most 25 taps a side is a
+sum pool (on the CPU over the input padded first), which inductor fuses too, where eager takes a
+grouped convolution with a kernel of ones.
 """
 
 from __future__ import annotations
@@ -235,14 +236,14 @@ def sum_of_squares(x: Tensor, dim: int) -> Tensor:
     return _SumOfSquares.apply(x, dim) if torch.is_grad_enabled() and x.requires_grad else _squares_summed(x, dim)
 
 
-def _poolable(kernel_size: Sequence[int], padding: str | _IntOrTuple, dilation: _IntOrTuple) -> bool:
-    """Whether a sum pool computes this window sum: 2d or 3d, no dilation, integer padding of at
-    most half the kernel (a pool's limits), and few enough taps along each axis for inductor to
-    lower it (see :func:`_sum_pool`)."""
+def _poolable(kernel_size: Sequence[int], padding: str | _IntOrTuple, dilation: _IntOrTuple, padded: bool) -> bool:
+    """Whether a sum pool computes this window sum: 2d or 3d, integer padding, no dilation, and few
+    enough taps along each axis for inductor to lower it (see :func:`_sum_pool`). Unless the input is
+    ``padded`` first, the pool pads it, at most half the kernel (a pool's limit)."""
     dims = len(kernel_size)
     if dims not in _SUM_POOL or isinstance(padding, str) or max(kernel_size) > _POOL_LOWERED:
         return False
-    pads_fit = all(2 * p <= k for p, k in zip(_tuple(padding, dims), kernel_size))
+    pads_fit = padded or all(2 * p <= k for p, k in zip(_tuple(padding, dims), kernel_size))
     return pads_fit and all(d == 1 for d in _tuple(dilation, dims))
 
 
@@ -279,15 +280,19 @@ def receptive_field_inverse_norm(
     n, c = input.shape[:2]
     per_group, k = c // groups, math.prod(kernel_size)
     pointwise = k == 1 and (padding in ("valid", "same") or all(p == 0 for p in _tuple(padding, dims)))
+    # Compiled, a small pool is a loop fused with the norm around it; the conv of ones an external call.
+    # On the CPU the input is padded first (below), so the pool pads nothing; not for a window summed
+    # one axis at a time (see _sum_pool), which that made slower.
+    pad_first = input.device.type == "cpu" and k <= _POOL_LOWERED
+    pooled = torch.compiler.is_compiling() and not pointwise and _poolable(kernel_size, padding, dilation, pad_first)
 
     def window_sums(*sums: Tensor) -> list[Tensor]:
         """Each per-position tensor (N, groups, *spatial) summed over every field's window."""
         if pointwise:
             return list(sums)
         stacked = torch.cat(sums, 1) if len(sums) > 1 else sums[0]
-        if torch.compiler.is_compiling() and _poolable(kernel_size, padding, dilation):
-            # Compiled, a small pool is a loop fused with the norm around it; the conv an external call.
-            window = _sum_pool(stacked, kernel_size, stride, padding)
+        if pooled:
+            window = _sum_pool(stacked, kernel_size, stride, 0 if pad_first else padding)
         else:
             ones = stacked.new_ones(stacked.shape[1], 1, *kernel_size)
             with _CosineMath():
@@ -299,6 +304,12 @@ def receptive_field_inverse_norm(
         strides = _tuple(stride, dims)
         if pointwise and any(s != 1 for s in strides):  # 1x1 kernel: a field is one position, so subsample
             x = x[(..., *(slice(None, None, s) for s in strides))]  # (a no-op slice would cost a full-size backward)
+        if pooled and pad_first and any(_tuple(padding, dims)):
+            # Zeros padded in before the per-position sums, not by the pool: on the CPU inductor's pool
+            # over padding reads masked taps, vector code that also slowed the weight copies it puts
+            # in the same kernel (compiled resnet50: 1.19-1.21x its original so, 1.08-1.11x this way).
+            # Not on CUDA, where this made compiled resnet18 slower (1.34-1.37x against 1.17-1.25x).
+            x = F.pad(x, [p for p in reversed(_tuple(padding, dims)) for _ in range(2)])
         grouped = x.reshape(n, groups, per_group, *x.shape[2:])  # (N, groups, C/groups, *spatial)
         if not centered:
             sum_sq = x * x if per_group == 1 else sum_of_squares(grouped, 2)

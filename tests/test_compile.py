@@ -217,19 +217,40 @@ def test_compiles_where_dynamo_folds_is_exporting_to_true(monkeypatch):
 @pytest.mark.parametrize(
     "shape, kernel, stride, padding",
     [
+        ((2, 3, 9, 10), (3, 3), 2, 1),
+        ((2, 3, 9, 10), (3, 2), (1, 2), (2, 1)),
+        ((2, 3, 12, 11), (5, 5), 1, 2),
         ((2, 3, 23, 21), (7, 7), 2, 3),
         ((2, 4, 11, 12), (5, 7), (1, 2), (2, 3)),
         ((1, 2, 6, 7, 8), (3, 3, 3), (1, 2, 1), 1),
+        ((2, 3, 17), (5,), 2, 4),
     ],
-    ids=["7x7 stem", "5x7", "3x3x3"],
+    ids=["3x3 /2", "3x2 wide pads", "5x5", "7x7 stem", "5x7", "3x3x3", "1d"],
 )
-def test_compiled_windows_of_many_taps_match_the_reference(shape, kernel, stride, padding, centered):
-    """A window of more taps than inductor lowers (49, 35, 27) is summed one axis at a time when
-    compiled; every receptive field's cosine against the float64 unfold reference."""
+def test_compiled_windows_match_the_reference(shape, kernel, stride, padding, centered):
+    """Compiled, a window sum is a sum pool over the input padded first: at once for at most 25 taps
+    (9, 6, 25), one axis at a time for more (49, 35, 27); pads may exceed half the kernel ("wide pads",
+    which a pool could not pad); 1d takes the convolution of ones. Every receptive field's cosine
+    against the float64 unfold reference."""
     x, w = torch.randn(shape) + 0.3, torch.randn(5, shape[1], *kernel)
-    conv = CF.cosine_conv3d if len(kernel) == 3 else CF.cosine_conv2d
+    conv = {1: CF.cosine_conv1d, 2: CF.cosine_conv2d, 3: CF.cosine_conv3d}[len(kernel)]
     compiled = torch.compile(
         lambda x, w: conv(x, w, None, stride, padding, centered=centered), fullgraph=True, backend="aot_eager"
     )
     expected = cosine_reference(x.double(), w.double(), None, stride, padding, centered=centered)
     torch.testing.assert_close(compiled(x, w).double(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "shape, kernel, stride, padding",
+    [((2, 3, 9, 10), (3, 3), 2, 1), ((2, 3, 23, 21), (7, 7), 2, 3), ((1, 2, 6, 7, 8), (3, 3, 3), (1, 2, 1), 1)],
+    ids=["3x3 /2", "7x7 stem", "3x3x3"],
+)
+def test_sum_pool_that_pads_matches_a_convolution_of_ones(shape, kernel, stride, padding):
+    """Off the CPU the compiled window sum is a pool that pads the input itself (on the CPU the input is
+    padded first, which the test above covers): its sums against a grouped convolution of ones, in float64."""
+    x = torch.rand(shape, dtype=torch.float64)
+    conv = {2: F.conv2d, 3: F.conv3d}[len(kernel)]
+    expected = conv(x, x.new_ones(shape[1], 1, *kernel), None, stride, padding, 1, shape[1])
+    torch.testing.assert_close(CF._sum_pool(x, kernel, stride, padding), expected)
+    assert not CF._poolable((3, 2), (2, 1), 1, padded=False)  # a pool pads at most half its kernel
