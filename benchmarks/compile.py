@@ -1,7 +1,8 @@
 """torch.compile (inductor) of converted networks against the compiled originals, side by side.
 
     python benchmarks/compile.py [--device cpu] [--batch 4] [--size 112] [--repeat 3]
-        [--models resnet18 resnet50 mobilenet_v3_large vit_b_16] [--freezing] [--runs 1]
+        [--models resnet18 resnet50 mobilenet_v3_large vit_b_16] [--passes inference training]
+        [--freezing] [--runs 1]
 
 For each model: inference (eval, no_grad) and a training step (forward, backward, SGD update), each
 compiled with ``fullgraph=True``; then single cosine convolutions against plain ones at the ResNet
@@ -36,7 +37,6 @@ import torch.nn.functional as F
 import torchvision
 from _timing import compare
 from layers import SHAPES
-from onnx_floor import floor_model
 from train_step import step_fn
 
 import cosconvert
@@ -78,6 +78,8 @@ def models(args) -> None:
         x = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
         y = torch.randint(0, 1000, (args.batch,), device=args.device)
         for label, make in [("inference", infer), ("training", train_step)]:
+            if label not in args.passes:
+                continue
             train = label == "training"
             original = torchvision.models.get_model(name, **kwargs).to(args.device).train(train)
             converted = cosconvert.convert(original, strip_norms=args.strip_norms or False).train(train)
@@ -106,6 +108,8 @@ def floors(args) -> None:
         x = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
         original = torchvision.models.get_model(name, **kwargs).to(args.device).eval()
         converted = cosconvert.convert(original, strip_norms=args.strip_norms or False)
+        from onnx_floor import floor_model  # here: it brings onnxruntime, which the other parts do not need
+
         nets = {"original": original, "cosine": converted, "floor": floor_model(converted, x)}
         fns = {key: timed(args.device, infer(net, x)) for key, net in nets.items()}
         t = compare(fns, repeat=args.repeat, warmup=1)
@@ -175,6 +179,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--models", nargs="*", default=["resnet18", "resnet50", "mobilenet_v3_large", "vit_b_16"])
     parser.add_argument("--layers", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--passes", nargs="+", choices=["inference", "training"], default=["inference", "training"])
     parser.add_argument("--freezing", action="store_true", help="inductor freezing: weights as constants")
     parser.add_argument("--strip-norms", choices=["fold", "drop"], help="convert with strip_norms (default: kept)")
     parser.add_argument("--floor", action="store_true", help="only the inference floors (see floors())")
