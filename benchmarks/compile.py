@@ -191,7 +191,7 @@ def main() -> None:
         argv = ["--device", args.device, "--batch", str(args.batch), "--size", str(args.size),
                 "--repeat", str(args.repeat), "--models", *args.models] + ["--freezing"] * args.freezing  # fmt: skip
         argv += ["--strip-norms", args.strip_norms] if args.strip_norms else []
-        return across_processes(args.runs, argv)
+        return across_processes(args.runs, argv + ["--passes", *args.passes])
     torch._inductor.config.freezing = args.freezing
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
     backend = "inductor, freezing" if args.freezing else "inductor"
