@@ -101,6 +101,8 @@ def models(args) -> None:
 def floors(args) -> None:
     """Compiled inference of the original, the converted network and its floor (benchmarks/onnx_floor.py:
     every cosine layer's ``1 / |x|`` a constant), side by side: what the norms themselves cost."""
+    from onnx_floor import floor_model  # here: it brings onnxruntime, which the other parts do not need
+
     print(f"{'model':20} {'original ms':>12} {'cosine':>7} {'floor':>7}")
     for name in args.models:
         torch.manual_seed(0)
@@ -108,8 +110,6 @@ def floors(args) -> None:
         x = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
         original = torchvision.models.get_model(name, **kwargs).to(args.device).eval()
         converted = cosconvert.convert(original, strip_norms=args.strip_norms or False)
-        from onnx_floor import floor_model  # here: it brings onnxruntime, which the other parts do not need
-
         nets = {"original": original, "cosine": converted, "floor": floor_model(converted, x)}
         fns = {key: timed(args.device, infer(net, x)) for key, net in nets.items()}
         t = compare(fns, repeat=args.repeat, warmup=1)

@@ -228,10 +228,10 @@ def test_compiles_where_dynamo_folds_is_exporting_to_true(monkeypatch):
     ids=["3x3 /2", "3x2 wide pads", "5x5", "7x7 stem", "5x7", "3x3x3", "1d"],
 )
 def test_compiled_windows_match_the_reference(shape, kernel, stride, padding, centered):
-    """Compiled, a window sum is a sum pool over the input padded first: at once for at most 25 taps
-    (9, 6, 25), one axis at a time for more (49, 35, 27); pads may exceed half the kernel ("wide pads",
-    which a pool could not pad); 1d takes the convolution of ones. Every receptive field's cosine
-    against the float64 unfold reference."""
+    """Compiled on the CPU, a window sum of at most 25 taps (9, 6, 25) is a sum pool over the input
+    padded first, so pads may exceed half the kernel ("wide pads", which a pool could not pad); one of
+    more taps (49, 35, 27) is pooled one axis at a time, the pool padding itself; 1d takes the
+    convolution of ones. Every receptive field's cosine against the float64 unfold reference."""
     x, w = torch.randn(shape) + 0.3, torch.randn(5, shape[1], *kernel)
     conv = {1: CF.cosine_conv1d, 2: CF.cosine_conv2d, 3: CF.cosine_conv3d}[len(kernel)]
     compiled = torch.compile(
@@ -247,8 +247,8 @@ def test_compiled_windows_match_the_reference(shape, kernel, stride, padding, ce
     ids=["3x3 /2", "7x7 stem", "3x3x3"],
 )
 def test_sum_pool_that_pads_matches_a_convolution_of_ones(shape, kernel, stride, padding):
-    """Off the CPU the compiled window sum is a pool that pads the input itself (on the CPU the input is
-    padded first, which the test above covers): its sums against a grouped convolution of ones, in float64."""
+    """The compiled window sum's pool that pads the input itself (off the CPU, and on it for windows
+    pooled one axis at a time): its sums against a grouped convolution of ones, in float64."""
     x = torch.rand(shape, dtype=torch.float64)
     conv = {2: F.conv2d, 3: F.conv3d}[len(kernel)]
     expected = conv(x, x.new_ones(shape[1], 1, *kernel), None, stride, padding, 1, shape[1])
