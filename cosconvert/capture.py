@@ -66,7 +66,7 @@ def example_batch(example_inputs, calibration_data: Iterable | None) -> tuple[tu
         args = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         return tuple(args), {}, "example_inputs"
     if calibration_data is not None:
-        from cosconvert.calibration import batch_inputs
+        from cosconvert.data import batch_inputs
 
         for batch in calibration_data:
             return batch_inputs(batch), {}, "the first calibration batch"

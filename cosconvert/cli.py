@@ -109,7 +109,7 @@ def _input_shape(args, model, example, data=None) -> tuple[int, ...]:
     if example:
         return tuple(example[0].shape)
     if data is not None:
-        from cosconvert.calibration import batch_inputs
+        from cosconvert.data import batch_inputs
 
         return (EXAMPLE_BATCH, *batch_inputs(next(iter(data)))[0].shape[1:])
     try:
@@ -217,7 +217,7 @@ def _example_batches(run: Run) -> list:
     import torch
 
     if run.held_out is not None:
-        from cosconvert.calibration import batch_inputs
+        from cosconvert.data import batch_inputs
 
         real = batch_inputs(next(iter(run.held_out)))[0]
         return [real[:b] for b in run.batch_sizes]
@@ -264,7 +264,8 @@ def _measure(run: Run, key: str) -> None:
 def step_convert(run: Run) -> None:
     """Convert (and calibrate on the data), then save the recipe."""
     import cosconvert
-    from cosconvert.calibration import batch_inputs
+    from cosconvert.calibration import summary as calibration_summary
+    from cosconvert.data import batch_inputs
 
     args = run.args
     blocks = [b.strip() for b in args.reconstruct_blocks.split(",")] if args.reconstruct_blocks else "auto"
@@ -281,7 +282,7 @@ def step_convert(run: Run) -> None:
     report = run.converted.cosine_report
     run.say.note(report.summary())
     if report.calibration:
-        run.say.note(f"calibration: {report.calibration['before']} -> {report.calibration['after']}")
+        run.say.note(calibration_summary(report.calibration))
     if reconstructing:
         run.say.note("reconstructing block by block")
         try:

@@ -111,3 +111,12 @@ def held_out_split(spec: str, batch_size: int = 64) -> tuple[DataLoader, DataLoa
         f"every {HOLD_OUT_EVERY}th sample of {spec}, held out from calibration and fine-tuning ({len(held)} samples)"
     )
     return _loader_like(loader, Subset(dataset, kept)), _loader_like(loader, Subset(dataset, held)), words
+
+
+def batch_inputs(batch) -> tuple:
+    """The model inputs of a batch: a tensor, the first item of an (inputs, labels) pair, or a dict's "input"."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,)
+    if isinstance(batch, dict):
+        return (batch["input"] if "input" in batch else next(iter(batch.values())),)
+    return (batch[0],)

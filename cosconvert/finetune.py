@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from cosconvert.amp import mixed_precision
 from cosconvert.atomic import atomic_write, remove_partial
-from cosconvert.calibration import batch_inputs
+from cosconvert.data import batch_inputs
 
 __all__ = ["finetune", "distillation_loss", "evaluate"]
 

@@ -43,14 +43,18 @@ grouped convolution with a kernel of ones.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "LayerCall",
+    "observing",
     "cosine_linear",
     "cosine_conv1d",
     "cosine_conv2d",
@@ -326,7 +330,68 @@ def receptive_field_inverse_norm(
         return centered_inverse_norm(energy, raw, eps).to(_norm_dtype(input.dtype))
 
 
+@dataclasses.dataclass
+class LayerCall:
+    """One cosine layer call, as :func:`observing` hands it to its observer: ``conv`` holds
+    (stride, padding, dilation, groups) for a convolution and is None for a linear layer."""
+
+    input: Tensor
+    weight: Tensor
+    bias: Tensor | None
+    gain: Tensor | None
+    centered: bool
+    eps: float
+    conv: tuple | None = None
+
+    @property
+    def unit_dim(self) -> int:
+        """The output axis of the units: the last for a linear layer, the channels for a convolution
+        (0 for an unbatched input)."""
+        if self.conv is None:
+            return -1
+        return 0 if self.input.dim() == self.weight.dim() - 1 else 1
+
+    def dot_product(self, bias: Tensor | None) -> Tensor:
+        """The plain layer this call replaced, ``w . x + bias``, left so by any CosineCalls."""
+        with _CosineMath():
+            if self.conv is None:
+                return F.linear(self.input, self.weight, bias)
+            return _CONV[self.weight.dim() - 2](self.input, self.weight, bias, *self.conv)
+
+    def cosine(self, gain: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+        """The call's output with this gain and bias: by default its bare cosines."""
+        if self.conv is None:
+            return _cosine_linear(self.input, self.weight, bias, self.centered, self.eps, gain)
+        return _cosine_conv_math(self.input, self.weight, bias, *self.conv, self.centered, self.eps, gain)
+
+
+_observer: Callable[[LayerCall], Tensor] | None = None
+
+
+@contextmanager
+def observing(observer: Callable[[LayerCall], Tensor]) -> Iterator[None]:
+    """While active, every cosine layer call (a cosine module's, a rewritten graph's, or one that
+    CosineCalls redirects) is handed to ``observer``, whose return value becomes its output.
+    Calibration fits each layer's gain this way, wherever the layer lives."""
+    global _observer
+    previous, _observer = _observer, observer
+    try:
+        yield
+    finally:
+        _observer = previous
+
+
+def _observed() -> bool:
+    return _observer is not None and not torch.compiler.is_compiling() and not _exporting()
+
+
 def _cosine_conv(input, weight, bias, stride, padding, dilation, groups, centered, eps, gain):
+    if _observed():
+        return _observer(LayerCall(input, weight, bias, gain, centered, eps, (stride, padding, dilation, groups)))
+    return _cosine_conv_math(input, weight, bias, stride, padding, dilation, groups, centered, eps, gain)
+
+
+def _cosine_conv_math(input, weight, bias, stride, padding, dilation, groups, centered, eps, gain):
     w, unit_scale = _prepared_weight(weight, centered, eps, gain)
     return conv_normalized(
         input, w, bias, stride, padding, dilation, groups, centered=centered, eps=eps, unit_scale=unit_scale
@@ -484,6 +549,12 @@ def cosine_linear(
 ) -> Tensor:
     """Cosine-normalized ``F.linear``: ``input (..., in)``, ``weight (out, in)`` -> ``(..., out)``,
     each output ``gain * cos(w_j, x) + bias_j``."""
+    if _observed():
+        return _observer(LayerCall(input, weight, bias, gain, centered, eps))
+    return _cosine_linear(input, weight, bias, centered, eps, gain)
+
+
+def _cosine_linear(input, weight, bias, centered, eps, gain):
     w, unit_scale = _prepared_weight(weight, centered, eps, gain)
     return linear_normalized(input, w, bias, centered=centered, eps=eps, unit_scale=unit_scale)
 

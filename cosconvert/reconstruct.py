@@ -32,9 +32,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
+from cosconvert import functional as CF
 from cosconvert.amp import mixed_precision
-from cosconvert.calibration import _PLAIN, _Fit, batch_inputs
-from cosconvert.data import load_data
+from cosconvert.calibration import LayerFits
+from cosconvert.data import batch_inputs, load_data
 from cosconvert.layers import LAYERS, LEAVES
 from cosconvert.trace import fetch, trace
 
@@ -328,6 +329,94 @@ def _capture(run: nn.Module, block: nn.Module, batches: list[tuple], output: boo
     return captured
 
 
+class _Feeds:
+    """What the converted network feeds each block, block after block. Where the network to run is
+    one graph that calls every block as a module (the outlined case), it is interpreted node by node
+    and each batch's pass waits at the next block, so the network runs once in all, through each
+    block as trained; else each block's inputs come from a pass from the start (:func:`_capture`)."""
+
+    def __init__(self, run: nn.Module, blocks: dict[str, nn.Module], batches: list[tuple]) -> None:
+        self.run, self.blocks, self.batches = run, blocks, batches
+        self.nodes: dict[str, fx.Node] = {}
+        if isinstance(run, fx.GraphModule):
+            calls = {n.target: n for n in run.graph.nodes if n.op == "call_module"}
+            for name, block in blocks.items():
+                node = next((n for t, n in calls.items() if run.get_submodule(t) is block), None)
+                if node is None:
+                    break
+                self.nodes[name] = node
+        self.stepping = len(self.nodes) == len(blocks)
+        self.passes = [_Pass(run, inputs) for inputs in batches] if self.stepping else []
+
+    @torch.no_grad()
+    def inputs(self, name: str) -> list[tuple[tuple, dict]]:
+        """Block ``name``'s (args, kwargs) on each batch; blocks are asked for in the order they run."""
+        if not self.stepping:
+            return _capture(self.run, self.blocks[name], self.batches)
+        return [run.until(self.nodes[name]) for run in self.passes]
+
+
+class _Pass(fx.Interpreter):
+    """One batch's pass through a graph, run up to a node and resumed from there later, when that
+    node (a block, trained meanwhile) runs first; each value is freed after its last use."""
+
+    def __init__(self, gm: fx.GraphModule, inputs: tuple) -> None:
+        super().__init__(gm)
+        self.env, self.args_iter = {}, iter(inputs)
+        self.order, self.pending = iter(gm.graph.nodes), None
+        self.last_uses: dict[fx.Node, list[fx.Node]] = {}
+        seen: set[fx.Node] = set()
+        for node in reversed(gm.graph.nodes):
+            for used in node.all_input_nodes:
+                if used not in seen:
+                    seen.add(used)
+                    self.last_uses.setdefault(node, []).append(used)
+
+    def until(self, stop: fx.Node) -> tuple[tuple, dict]:
+        """Run every node before ``stop``; the (args, kwargs) it will be called with."""
+        if self.pending is not None:
+            self.step(self.pending)
+        for node in self.order:
+            if node is stop:
+                self.pending = node
+                args, kwargs = self.fetch_args_kwargs_from_env(node)
+                return _detach(args), _detach(kwargs)
+            self.step(node)
+        raise ValueError(f"the converted network's graph never reaches {stop.name}")
+
+    def step(self, node: fx.Node) -> None:
+        self.env[node] = self.run_node(node)
+        for used in self.last_uses.get(node, ()):
+            self.env.pop(used, None)
+
+
+@torch.no_grad()
+def _activations(model: nn.Module, names: Sequence[str], batches: list[tuple]) -> dict[str, list]:
+    """The first output of each module in ``names`` on each batch, in one pass per batch."""
+    found: dict[str, list] = {name: [] for name in names}
+    done = [0]  # batches run so far: a module called twice in a pass keeps its first output
+
+    def keep(name):
+        def hook(module, args, out):
+            if len(found[name]) == done[0]:
+                found[name].append(_detach(out))
+
+        return hook
+
+    handles = [model.get_submodule(name).register_forward_hook(keep(name)) for name in names]
+    try:
+        for inputs in batches:
+            model(*inputs)
+            done[0] += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [name for name, outs in found.items() if len(outs) != len(batches)]
+    if missing:
+        raise ValueError(f"block {missing[0]!r} was not reached by the original network's forward pass")
+    return found
+
+
 def _detach(tree):
     return torch.utils._pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, tree)
 
@@ -352,31 +441,26 @@ def _mean_loss(block: nn.Module, captured, targets, autocast) -> float:
 
 @torch.no_grad()
 def _refit(block: nn.Module, source: nn.Module, captured: list[tuple[tuple, dict]]) -> None:
-    """Calibration inside the block: each cosine layer's gain and bias refitted by least squares, as
-    :func:`cosconvert.calibrate` does, to the original layer (and any normalizer stripped after it)
+    """Calibration inside the block: each cosine layer call's gain and bias refitted by least squares,
+    as :func:`cosconvert.calibrate` does, to the original layer (and any normalizer folded into it)
     on the inputs the reconstructed prefix now feeds it. Layers whose weights no longer are the
     original's (trained before) are left alone."""
-    fits, saved = [], []
-    for name, layer in block.named_modules():
-        original = source.get_submodule(name)
-        if type(layer) not in _PLAIN or layer.gain is None or not torch.equal(layer.weight, original.weight):
+    originals = dict(source.named_parameters())
+    only, targets = set(), {}
+    for name, weight in block.named_parameters():
+        owner, _, attr = name.rpartition(".")
+        original = originals.get(name)
+        if attr != "weight" or original is None or not torch.equal(weight, original):
             continue
-        saved.append((layer, layer.__dict__.get("_stripped_norm")))
-        norm = saved[-1][1][1] if saved[-1][1] is not None else None
-        object.__setattr__(layer, "_stripped_norm", (original.bias, norm))  # the fit's target: the original layer
-        fits.append(_Fit(layer))
-    handles = [fit.layer.register_forward_hook(fit) for fit in fits]
-    try:
+        only.add(id(weight))
+        layer = block.get_submodule(owner)
+        norm = layer.__dict__.get("_stripped_norm", (None, None))[1]
+        targets[id(weight)] = (originals.get(f"{owner}.bias" if owner else "bias"), norm)
+    fits = LayerFits(block, only=only, targets=targets)
+    with CF.observing(fits):
         for args, kwargs in captured:
             block(*args, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for layer, stripped in saved:
-            if stripped is None:
-                del layer.__dict__["_stripped_norm"]
-            else:
-                object.__setattr__(layer, "_stripped_norm", stripped)
+    fits.settle()
 
 
 def _fit_block(
@@ -487,16 +571,17 @@ def reconstruct(
     names = _call_order(original, names, batches[0])
     rows = []
     try:
+        feeds = _Feeds(staged.run, {name: staged.converted[name] for name in names}, batches)
+        # target="network": the original network's own activations at every block, in one pass
+        activations = _activations(original, names, batches) if target == "network" else {}
         for i, name in enumerate(names):
-            captured = _capture(staged.run, staged.converted[name], batches)
-            targets = None  # target="block": the original block on the converted network's inputs
-            if target == "network":  # the original network's own activations there
-                targets = _capture(original, original.get_submodule(name), batches, output=True)
-                norm = staged.norms.get(name)
-                if norm is not None:
-                    with torch.no_grad():
-                        for j, t in enumerate(targets):  # in place: one batch more at a time, not a second set
-                            targets[j] = norm(t)
+            captured = feeds.inputs(name)
+            targets = activations.pop(name, None)  # None: the original block on the converted network's inputs
+            norm = staged.norms.get(name)
+            if targets is not None and norm is not None:
+                with torch.no_grad():
+                    for j, t in enumerate(targets):  # in place: one batch more at a time, not a second set
+                        targets[j] = norm(t)
             row = _fit_block(staged.converted[name], staged.original[name], staged.sources[name], captured, targets, steps=steps, lr=lr,
                              train=train, refit=refit, autocast=autocast, scaler=scaler, progress=verbose,
                              desc=f"block {i + 1}/{len(names)} {name}")  # fmt: skip

@@ -62,7 +62,9 @@ class ConversionReport:
         if self.checks:
             lines.append("checks: " + "; ".join(f"{k}: {v}" for k, v in self.checks.items()))
         if self.calibration:
-            lines.append("calibration: " + ", ".join(f"{k} {v}" for k, v in self.calibration.items()))
+            c = self.calibration
+            lines.append(f"calibration: {c['status']}, {c['fitted']} of {c['layers']} layers fitted, "
+                         f"agreement {c['before']} -> {c['after']}")  # fmt: skip
         if self.reconstruction:
             blocks = self.reconstruction["blocks"]
             lines.append("reconstruction: " + ", ".join(

@@ -91,9 +91,9 @@ class NormStripper:
         """A normalizer outside any graph: dropped, or its affine kept (nothing to fold into)."""
         if not self.mode:
             return norm
-        if self.mode == "fold" and getattr(norm, "weight", None) is not None:
-            self._stripped(name, norm, "kept as affine (no graph to fold through)")
-            return Affine(norm.weight, getattr(norm, "bias", None), _norm_channel_dim(norm))
+        if self.mode == "fold" and _has_affine(norm):
+            self._stripped(name, norm, f"kept as affine{_running(norm)} (no graph to fold through)")
+            return Affine(*_kept_affine(norm), _norm_channel_dim(norm))
         self._stripped(name, norm, "dropped")
         return nn.Identity()
 
@@ -106,20 +106,18 @@ class NormStripper:
         name = join(prefix, node.target)
         source = node.args[0]
         layer = gm.get_submodule(source.target) if source.op == "call_module" else None
-        if isinstance(layer, _CosineMixin) and len(source.users) == 1:  # calibration's target: layer's bias, then norm
-            bias = None if layer.bias is None else layer.bias.detach().clone()
-            object.__setattr__(layer, "_stripped_norm", (bias, copy.deepcopy(norm).eval()))
-        weight = getattr(norm, "weight", None)
-        if self.mode == "fold" and weight is not None:
+        if self.mode == "fold" and _has_affine(norm):
             reason = _cannot_fold(layer, norm, source)
-            if reason is None:
-                _fold(layer, norm)
-                self._stripped(name, norm, f"folded into {join(prefix, source.target)}")
-            else:
-                gm.set_submodule(node.target, Affine(weight, getattr(norm, "bias", None), _norm_channel_dim(norm)))
-                self._stripped(name, norm, f"kept as affine ({reason})")
+            if reason is not None:
+                gm.set_submodule(node.target, Affine(*_kept_affine(norm), _norm_channel_dim(norm)))
+                self._stripped(name, norm, f"kept as affine{_running(norm)} ({reason})")
                 return
+            _stash_target(layer, norm)
+            _fold(layer, norm)
+            self._stripped(name, norm, f"folded into {join(prefix, source.target)}")
         else:
+            if isinstance(layer, _CosineMixin) and len(source.users) == 1:
+                _stash_target(layer, norm)
             self._stripped(name, norm, "dropped")
         node.replace_all_uses_with(source)
         gm.graph.erase_node(node)
@@ -162,13 +160,46 @@ class NormStripper:
         self.report.stripped.append({"name": name, "type": kind, "action": action})
 
 
+def _has_affine(norm: nn.Module) -> bool:
+    return getattr(norm, "weight", None) is not None or _has_running_stats(norm)
+
+
+def _has_running_stats(norm: nn.Module) -> bool:
+    return isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.running_var is not None
+
+
+def _running(norm: nn.Module) -> str:
+    return ", running statistics included" if _has_running_stats(norm) else ""
+
+
+def _kept_affine(norm: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The scale and shift an :class:`Affine` keeps of a stripped normalizer. A BatchNorm with running
+    statistics is an affine map in eval mode, ``gamma (x - mean) / sqrt(var + eps) + beta``, and is kept
+    whole: nothing stands in for its normalization where it does not directly follow a cosine layer.
+    Normalizers that take their statistics from each input keep ``gamma`` and ``beta``."""
+    weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
+    if not _has_running_stats(norm):
+        return weight, bias
+    scale = (norm.running_var + norm.eps).rsqrt()
+    weight = scale if weight is None else weight.detach() * scale
+    shift = -norm.running_mean * weight
+    return weight, shift if bias is None else shift + bias.detach()
+
+
+def _stash_target(layer: _CosineMixin, norm: nn.Module) -> None:
+    """Keep, beside ``layer``, its bias as it was and the normalizer stripped after it: the layer's
+    calibration target (:mod:`cosconvert.calibration`)."""
+    bias = None if layer.bias is None else layer.bias.detach().clone()
+    object.__setattr__(layer, "_stripped_norm", (bias, copy.deepcopy(norm).eval()))
+
+
 def _cannot_fold(layer, norm: nn.Module, source: fx.Node) -> str | None:
     """Why ``norm``'s affine cannot be folded into ``layer``, or None if it can."""
     if not isinstance(layer, (CosineLinear, CosineConv1d, CosineConv2d, CosineConv3d)):
         return "not directly after a cosine layer"
     if len(source.users) != 1:
         return "the layer's output has other users"
-    if norm.weight.numel() != layer.weight.shape[0]:
+    if (norm.weight.numel() if norm.weight is not None else norm.num_features) != layer.weight.shape[0]:
         return "its affine does not match the layer's output units"
     is_conv = not isinstance(layer, CosineLinear)
     per_channel = isinstance(
@@ -181,7 +212,8 @@ def _cannot_fold(layer, norm: nn.Module, source: fx.Node) -> str | None:
 
 def _fold(layer: _CosineMixin, norm: nn.Module) -> None:
     """``gamma * (g * cos + b) + beta`` = ``(gamma * g) * cos + (gamma * b + beta)``."""
-    gamma, beta = norm.weight.detach(), getattr(norm, "bias", None)
+    gamma = norm.weight.detach() if norm.weight is not None else layer.weight.new_ones(layer.weight.shape[0])
+    beta = getattr(norm, "bias", None)
     if layer.gain is None or layer.gain.numel() == 1:
         layer.set_gain("channel")
     with torch.no_grad():

@@ -8,7 +8,7 @@ from reference import cosine_reference, linear_reference
 from torch import nn
 
 import cosconvert
-from cosconvert.calibration import agreement
+from cosconvert.agreement import agreement
 from cosconvert.convert import STRIP_MODES
 from cosconvert.nn import CosineConv2d, CosineLinear
 
@@ -159,8 +159,9 @@ def digits_batches():
 
 
 def test_fold_keeps_a_bn_network_closer_than_drop(digits_cnn, digits_batches):
-    fold = agreement(digits_cnn, cosconvert.convert(digits_cnn, strip_norms="fold"), digits_batches)
-    drop = agreement(digits_cnn, cosconvert.convert(digits_cnn, strip_norms="drop"), digits_batches)
+    inputs = [(x,) for x, _ in digits_batches]
+    fold = agreement(digits_cnn, cosconvert.convert(digits_cnn, strip_norms="fold"), inputs)
+    drop = agreement(digits_cnn, cosconvert.convert(digits_cnn, strip_norms="drop"), inputs)
     print("fold", fold, "drop", drop)
     assert fold["output_cosine"] > drop["output_cosine"]
 

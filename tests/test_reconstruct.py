@@ -284,3 +284,31 @@ def test_cli_reconstructs_the_blocks_it_is_given(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "cosconvert: error: --reconstruct-blocks: no module named 'features.9' in the converted network"
     ]
+
+
+def test_block_inputs_stepped_through_the_graph_match_a_pass_from_the_start():
+    """The stepped feed (the network run once, waiting at each block) gives each block what a pass
+    from the start gives it, with the blocks before it changed in between, as training changes them."""
+    from cosconvert.reconstruct import _capture, _Feeds, _Staged
+
+    torch.manual_seed(0)
+    original = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 6 * 6, 4),
+    ).eval()  # fmt: skip
+    x = torch.randn(4, 3, 6, 6)
+    converted = cosconvert.convert(torch.fx.symbolic_trace(original), example_inputs=(x,))
+    names = ["0", "2", "4", "6"]
+    staged = _Staged(converted, torch.fx.symbolic_trace(original), names)
+    batches = [(x[:2],), (x[2:],)]
+    feeds = _Feeds(staged.run, {n: staged.converted[n] for n in names}, batches)
+    assert feeds.stepping
+    for name in names:
+        stepped = feeds.inputs(name)
+        fresh = _capture(staged.run, staged.converted[name], batches)
+        for (a, _), (b, _) in zip(stepped, fresh):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        with torch.no_grad():  # as training would: the block changes before the next one is fed
+            for p in staged.converted[name].parameters():
+                p.add_(0.1 * torch.randn_like(p))
+    staged.close()
