@@ -157,16 +157,34 @@ def _batch_sizes(model, shape) -> tuple[int, ...]:
     return VALIDATION_BATCHES
 
 
-def _data(spec: str | None, batch_size: int):
-    """(loader to calibrate and fine-tune on, loader to measure on, what the second is), or Nones without data."""
+def _data(args):
+    """(loader to calibrate and fine-tune on, loader to measure on, what the second is), or Nones without data.
+    Images are sized to --input-shape's last axis (else 224) and normalized by --image-norm."""
+    spec = getattr(args, "data", None)
     if not spec:
         return None, None, None
     from cosconvert.data import DataError, held_out_split
 
+    size = _parse_shape(args.input_shape)[-1] if getattr(args, "input_shape", None) else 224
+    norm = _image_norm(getattr(args, "image_norm", None))
     try:
-        return held_out_split(spec, batch_size)
+        return held_out_split(spec, getattr(args, "batch_size", 64), image_size=size, image_norm=norm)
     except DataError as err:
         raise CliError(str(err)) from err
+
+
+def _image_norm(text: str | None) -> tuple | None:
+    """--image-norm "MEAN,STD" (or three means, then three deviations) as Normalize's (mean, std)."""
+    if not text:
+        return None
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in (2, 6) or any(v <= 0 for v in values[len(values) // 2 :]):
+        raise CliError(f"--image-norm {text!r}: give MEAN,STD (e.g. 0.5,0.5) or three means then three positive deviations")
+    half = len(values) // 2
+    return (values[:half] * (3 // half), values[half:] * (3 // half))
 
 
 @dataclass
@@ -229,7 +247,7 @@ def step_start(args, steps: tuple[str, ...]) -> Run:
     """Load the model and the data, settle the input shape and the output folder."""
     original, example = _load(args.model, args.arch, args.arch_kwargs, args.trust_pickle)
     original = _on_device(original, args.device)
-    data, held_out, evaluated_on = _data(getattr(args, "data", None), getattr(args, "batch_size", 64))
+    data, held_out, evaluated_on = _data(args)
     if "finetune" in steps and data is None:
         raise CliError(
             f"fine-tuning for --epochs {args.epochs} needs data: give --data (digits, a .npz, an image folder or module:callable)"
@@ -277,12 +295,17 @@ def step_convert(run: Run) -> None:
     calibration = None if run.data is None else [batch_inputs(b)[0].to(device) for _, b in zip(range(8), run.data)]
     run.converted = cosconvert.convert(
         run.original, centered=args.centered, strip_norms=False if args.strip_norms == "off" else args.strip_norms,
-        include=args.include, exclude=args.exclude, gain=args.gain, calibration_data=calibration,
+        include=args.include, exclude=args.exclude, gain=args.gain,
+        example_inputs=None if calibration is None else calibration[0],
     )  # fmt: skip
     report = run.converted.cosine_report
     run.say.note(report.summary())
-    if report.calibration:
-        run.say.note(calibration_summary(report.calibration))
+    stage = "converted"
+    _measure(run, stage)
+    if calibration is not None:
+        run.say.note(calibration_summary(cosconvert.calibrate(run.converted, run.original, calibration)))
+        stage = "calibrated"
+        _measure(run, stage)
     if reconstructing:
         run.say.note("reconstructing block by block")
         try:
@@ -292,7 +315,11 @@ def step_convert(run: Run) -> None:
             if blocks == "auto":
                 raise
             raise CliError(f"--reconstruct-blocks: {err}") from err
-    _measure(run, "before")
+        stage = "reconstructed"
+        _measure(run, stage)
+    for kind in ("accuracy", "fidelity"):  # "before": the model as fine-tuning gets it
+        if f"{kind}_{stage}" in run.summary:
+            run.summary[f"{kind}_before"] = run.summary[f"{kind}_{stage}"]
     cosconvert.save(run.converted, run.recipe)
     run.wrote(run.recipe)
 
@@ -408,7 +435,11 @@ def _print_summary(summary: dict) -> None:
         print(f"layers converted: {len(conv['converted'])}, skipped: {len(conv['skipped'])}, "
               f"normalizers stripped: {len(conv['stripped'])}, fallbacks: {len(conv['fallbacks'])}")  # fmt: skip
     print(f"measured on {summary['evaluated_on']}")
-    for key, words in (("original", "original"), ("before", "converted"), ("after", "after fine-tuning")):
+    stages = [("original", "original"), ("converted", "converted"), ("calibrated", "calibrated"),
+              ("reconstructed", "reconstructed"), ("after", "after fine-tuning")]  # fmt: skip
+    if "fidelity_converted" not in summary:  # a report.json of an older run: one figure before fine-tuning
+        stages[1] = ("before", "converted")
+    for key, words in stages:
         if f"accuracy_{key}" in summary:
             print(f"{words + ':':19} {summary[f'accuracy_{key}']}")
         if f"fidelity_{key}" in summary:
@@ -604,8 +635,10 @@ def _add_inputs(p: argparse.ArgumentParser, data: bool = True) -> None:
                    "from --data, else guessed from the first layer, with a batch of 2)")  # fmt: skip
     if data:
         g.add_argument("--data", help="data to calibrate, fine-tune and measure on: digits, a .npz with x (and y), "
-                       "an image folder, or module:callable")  # fmt: skip
+                       "an image folder (class subfolders, or unlabeled images), or module:callable")  # fmt: skip
         g.add_argument("--batch-size", type=int, default=64, help="batch size for --data")
+        g.add_argument("--image-norm", metavar="MEAN,STD", help="for an image folder: pixels in 0..1 become "
+                       "(x - MEAN) / STD, per channel with six values (EfficientNet-Lite: 0.498,0.502)")  # fmt: skip
     g.add_argument("--device", help="where to run PyTorch, e.g. cpu or cuda (default: cuda if present)")
 
 

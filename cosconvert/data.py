@@ -45,11 +45,42 @@ def _npz(path: Path) -> TensorDataset:
     return TensorDataset(*tensors)
 
 
-def _image_folder(path: Path, size: int) -> Dataset:
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+class ImageFiles(Dataset):
+    """The images directly inside a folder, sorted by name, unlabeled: each one ``transform(PIL image)``."""
+
+    def __init__(self, path: Path, transform) -> None:
+        self.files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        from PIL import Image
+
+        with Image.open(self.files[index]) as image:
+            return self.transform(image.convert("RGB"))
+
+
+def _image_folder(path: Path, size: int, norm: tuple | None = None) -> Dataset:
+    """Images resized and centre-cropped to ``size``, in 0..1, then ``(x - mean) / std`` with
+    ``norm = (mean, std)``: labelled by subfolder (torchvision's ImageFolder layout) where the folder
+    has subfolders, else the images directly inside it, unlabeled."""
     from torchvision import datasets, transforms
 
-    tf = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.ToTensor()])
-    return datasets.ImageFolder(str(path), transform=tf)
+    steps = [transforms.Resize(size), transforms.CenterCrop(size), transforms.ToTensor()]
+    if norm is not None:
+        steps.append(transforms.Normalize(*norm))
+    tf = transforms.Compose(steps)
+    if any(p.is_dir() for p in path.iterdir()):
+        return datasets.ImageFolder(str(path), transform=tf)
+    images = ImageFiles(path, tf)
+    if not len(images):
+        raise DataError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)}) and no class subfolders")
+    return images
 
 
 def _callable(spec: str):
@@ -66,9 +97,12 @@ def _callable(spec: str):
         raise DataError(f"cannot load data from {spec!r}: {err}") from err
 
 
-def load_data(spec: str, split: str = "train", image_size: int = 224) -> Dataset | DataLoader:
+def load_data(
+    spec: str, split: str = "train", image_size: int = 224, image_norm: tuple | None = None
+) -> Dataset | DataLoader:
     """A dataset (or loader) named by ``spec``: ``digits``, a ``.npz`` file with ``x`` (and
-    ``y``), an image folder in torchvision's ImageFolder layout, or ``module:callable``."""
+    ``y``), an image folder (ImageFolder layout, or unlabeled images; ``image_size`` and
+    ``image_norm`` as in :func:`_image_folder`), or ``module:callable``."""
     if spec == "digits":
         return digits(split)
     path = Path(spec)
@@ -77,7 +111,7 @@ def load_data(spec: str, split: str = "train", image_size: int = 224) -> Dataset
             raise DataError(f"data file {spec} not found")
         return _npz(path)
     if path.is_dir():
-        return _image_folder(path, image_size)
+        return _image_folder(path, image_size, image_norm)
     if ":" in spec:
         return _callable(spec)
     raise DataError(f"unknown data {spec!r}: give 'digits', a .npz file, an image folder, or module:callable")
@@ -87,7 +121,9 @@ def _loader_like(loader: DataLoader, dataset: Dataset) -> DataLoader:
     return DataLoader(dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn)
 
 
-def held_out_split(spec: str, batch_size: int = 64) -> tuple[DataLoader, DataLoader, str]:
+def held_out_split(
+    spec: str, batch_size: int = 64, image_size: int = 224, image_norm: tuple | None = None
+) -> tuple[DataLoader, DataLoader, str]:
     """Loaders for the data named by ``spec``, one to calibrate and fine-tune on and one to measure
     accuracy on, which never share a sample, and what the second one is, in words.
 
@@ -97,7 +133,7 @@ def held_out_split(spec: str, batch_size: int = 64) -> tuple[DataLoader, DataLoa
     if spec == "digits":
         train, test = digits("train"), digits("test")
         return DataLoader(train, batch_size), DataLoader(test, batch_size), f"digits test split ({len(test)} samples)"
-    data = load_data(spec)
+    data = load_data(spec, image_size=image_size, image_norm=image_norm)
     loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size)
     dataset = loader.dataset
     if isinstance(dataset, IterableDataset):

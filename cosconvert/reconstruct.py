@@ -431,12 +431,17 @@ def _mse(out, target) -> Tensor:
 
 
 @torch.no_grad()
-def _mean_loss(block: nn.Module, captured, targets, autocast) -> float:
-    total = 0.0
+def _mean_loss(block: nn.Module, captured, targets, autocast) -> tuple[float, float]:
+    """The block's mean MSE to its targets, and the mean cosine of each sample's output with its target."""
+    total, cosine, count = 0.0, 0.0, 0
     for (args, kwargs), target in zip(captured, targets):
         with autocast:
-            total += _mse(block(*args, **kwargs), target).item()
-    return total / len(captured)
+            out = block(*args, **kwargs)
+        total += _mse(out, target).item()
+        o, t = _leaves(out)[0].flatten(1).double(), _leaves(target)[0].flatten(1).double()
+        cosine += F.cosine_similarity(o, t, dim=1).sum().item()
+        count += len(o)
+    return total / len(captured), cosine / count
 
 
 @torch.no_grad()
@@ -464,7 +469,8 @@ def _refit(block: nn.Module, source: nn.Module, captured: list[tuple[tuple, dict
 
 
 def _fit_block(
-    block, original_block, source, captured, targets, *, steps, lr, train, refit, autocast, scaler, progress, desc
+    block, original_block, source, captured, targets, *, steps, lr, train, refit, plateau, autocast, scaler, progress,
+    desc,
 ) -> dict:
     started = time.perf_counter()
     if targets is None:
@@ -472,20 +478,28 @@ def _fit_block(
             targets = [_detach(original_block(*args, **kwargs)) for args, kwargs in captured]
     power = sum(sum(t.float().pow(2).mean().item() for t in _leaves(x)) / len(_leaves(x)) for x in targets)
     power /= len(targets)
-    before = _mean_loss(block, captured, targets, autocast)
+    before, cosine_before = _mean_loss(block, captured, targets, autocast)
     snapshot = [p.detach().clone() for p in block.parameters()]
+    refit_started = time.perf_counter()
     if refit:
         _refit(block, source, captured)
+    refit_seconds = time.perf_counter() - refit_started
     params = [
         p for n, p in block.named_parameters() if p.requires_grad and (train == "all" or n.endswith(("gain", "bias")))
     ]
-    if not params or steps == 0:
-        after = _mean_loss(block, captured, targets, autocast)
-        return {"loss_before": before, "loss_after": after, "target_power": power, "steps": 0,
-                "parameters": 0, "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
+    exact = before <= 1e-10 * power  # nothing converted in it, or already reproduced: no step would help
+    if not params or steps == 0 or exact:
+        after, cosine_after = _mean_loss(block, captured, targets, autocast)
+        return {"loss_before": before, "loss_after": after, "target_power": power, "cosine_before": cosine_before,
+                "cosine_after": cosine_after, "steps": 0, "parameters": 0, "refit_seconds": round(refit_seconds, 3),
+                "train_seconds": 0.0, "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     order = torch.randperm(len(captured)).tolist()
+    train_started = time.perf_counter()
+    window = min(50, max(10, len(captured)))  # steps whose mean loss is compared with the window before
+    losses: list[float] = []
+    taken = steps
     with tqdm(total=steps, desc=desc, disable=not progress, leave=False) as bar:
         for step in range(steps):
             if step and step % len(captured) == 0:
@@ -500,16 +514,24 @@ def _fit_block(
             scaler.update()
             sched.step()
             bar.update(1)
+            losses.append(loss.item())
             if step % 10 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3g}")
-    after = _mean_loss(block, captured, targets, autocast)
+                bar.set_postfix(loss=f"{losses[-1]:.3g}")
+            if plateau and len(losses) >= 2 * window and len(losses) % window == 0:
+                now, then = sum(losses[-window:]), sum(losses[-2 * window : -window])
+                if then - now < plateau * then:  # the loss stopped falling: the rest of the steps are wasted
+                    taken = step + 1
+                    break
+    train_seconds = time.perf_counter() - train_started
+    after, cosine_after = _mean_loss(block, captured, targets, autocast)
     if after > before:  # never leave a block worse than it came: put its parameters back
         with torch.no_grad():
             for p, saved in zip(block.parameters(), snapshot):
                 p.copy_(saved)
-        after = before
-    return {"loss_before": before, "loss_after": after, "target_power": power, "steps": steps,
-            "parameters": sum(p.numel() for p in params), "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
+        after, cosine_after = before, cosine_before
+    return {"loss_before": before, "loss_after": after, "target_power": power, "cosine_before": cosine_before,
+            "cosine_after": cosine_after, "steps": taken, "parameters": sum(p.numel() for p in params),
+            "refit_seconds": round(refit_seconds, 3), "train_seconds": round(train_seconds, 3), "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
 
 
 def reconstruct(
@@ -524,6 +546,7 @@ def reconstruct(
     max_samples: int = 512,
     train: str = "all",
     refit: bool = True,
+    plateau: float = 0.01,
     target: str = "network",
     amp: str | None = "auto",
     device: str | torch.device | None = None,
@@ -539,7 +562,10 @@ def reconstruct(
             (``"digits"``, ``x.npz``, as :func:`cosconvert.data.load_data`).
         blocks: ``"auto"`` (:func:`find_blocks` on ``original``), module names, e.g. ``["layer1.0", "fc"]``,
             or one name (``"layer1"``).
-        steps: optimizer steps per block, each on one batch of ``batch_size`` of the ``max_samples`` inputs.
+        steps: the most optimizer steps per block, each on one batch of ``batch_size`` of the ``max_samples``
+            inputs.
+        plateau: a block stops early once the mean loss of its last window of steps (one pass over the
+            batches, 10 to 50 steps) falls by less than this fraction of the window's before; 0 runs all steps.
         lr: Adam's learning rate (cosine schedule to 0 over each block's steps).
         train: ``"all"`` parameters of the block, or ``"affine"`` (only gains and biases).
         target: what each block learns to output: ``"network"``, the original network's activation
@@ -553,6 +579,7 @@ def reconstruct(
         device: where to run (both models are moved there); default: where ``converted`` is.
         verbose: a progress bar per block (on stderr).
     """
+    started = time.perf_counter()
     if target not in ("network", "block"):
         raise ValueError(f"target must be 'network' or 'block', got {target!r}")
     if train not in ("all", "affine"):
@@ -574,8 +601,12 @@ def reconstruct(
         feeds = _Feeds(staged.run, {name: staged.converted[name] for name in names}, batches)
         # target="network": the original network's own activations at every block, in one pass
         activations = _activations(original, names, batches) if target == "network" else {}
-        for i, name in enumerate(names):
+        target_seconds = time.perf_counter() - started
+        overall = tqdm(names, desc="reconstruct", unit="block", disable=not verbose)
+        for i, name in enumerate(overall):
+            fed = time.perf_counter()
             captured = feeds.inputs(name)
+            feed_seconds = time.perf_counter() - fed
             targets = activations.pop(name, None)  # None: the original block on the converted network's inputs
             norm = staged.norms.get(name)
             if targets is not None and norm is not None:
@@ -583,17 +614,25 @@ def reconstruct(
                     for j, t in enumerate(targets):  # in place: one batch more at a time, not a second set
                         targets[j] = norm(t)
             row = _fit_block(staged.converted[name], staged.original[name], staged.sources[name], captured, targets, steps=steps, lr=lr,
-                             train=train, refit=refit, autocast=autocast, scaler=scaler, progress=verbose,
+                             train=train, refit=refit, plateau=plateau, autocast=autocast, scaler=scaler, progress=verbose,
                              desc=f"block {i + 1}/{len(names)} {name}")  # fmt: skip
+            row["feed_seconds"] = round(feed_seconds, 3)
             rows.append(
                 {"block": name, **{k: float(f"{v:.6g}") if isinstance(v, float) else v for k, v in row.items()}}
             )
+            overall.set_postfix(block=name, cosine=f"{row['cosine_after']:.3f}")
             del captured, targets
+        overall.close()
     finally:
         staged.close()
         converted.train(modes[0]), original.train(modes[1])
     result = {"samples": sum(b[0].shape[0] for b in batches), "batch_size": batch_size, "lr": lr, "train": train,
-              "amp": amp, "seconds": round(sum(r["seconds"] for r in rows), 3), "blocks": rows}  # fmt: skip
+              "amp": amp, "seconds": round(time.perf_counter() - started, 3),
+              "time": {"original activations": round(target_seconds, 3),
+                       "feeding blocks": round(sum(r["feed_seconds"] for r in rows), 3),
+                       "refit": round(sum(r["refit_seconds"] for r in rows), 3),
+                       "training": round(sum(r["train_seconds"] for r in rows), 3)},
+              "blocks": rows}  # fmt: skip
     report = getattr(converted, "cosine_report", None)
     if report is not None:
         report.reconstruction = result

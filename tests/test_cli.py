@@ -336,3 +336,32 @@ def test_validate_fails_on_a_wrong_onnx_file(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("cosconvert: error:") and "tolerance" in lines[0], proc.stderr
     summary = json.loads((tmp_path / "out" / "report.json").read_text())
     assert not summary["validation"]["passed"]
+
+
+def test_a_folder_of_unlabeled_images_reconstructs_and_reports_every_stage(files, tmp_path):
+    """`cosconvert MODEL --data DIR --reconstruct` on a flat folder of photos (crops of scikit-learn's
+    sample photos): the summary and report.json give fidelity at each stage, in order."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        image = load_sample_images().images[i % 2]
+        y, x = rng.integers(0, 200), rng.integers(0, 300)
+        Image.fromarray(image[y : y + 160, x : x + 160]).save(photos / f"crop{i:02d}.png")
+    out = tmp_path / "out"
+    proc = cosconvert(files / "resnet18.pt", "--arch", "torchvision.models:resnet18", *SMALL[2:],
+                      "--input-shape", "2,3,32,32", "--data", photos, "--image-norm", "0.5,0.5",
+                      "--reconstruct", "--epochs", "1", "--out-dir", out, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    stages = [line.split(":")[0] for line in proc.stdout.splitlines() if line.startswith("fidelity, ")]
+    assert stages == [f"fidelity, {s}" for s in ("converted", "calibrated", "reconstructed", "after fine-tuning")]
+    summary = json.loads((out / "report.json").read_text())
+    assert "every 10th sample" in summary["evaluated_on"] and "(4 samples)" in summary["evaluated_on"]
+    cosines = [summary[f"fidelity_{s}"]["cosine"] for s in ("converted", "calibrated", "reconstructed")]
+    print(cosines)
+    assert cosines[2] > cosines[0]
+    assert summary["conversion"]["calibration"]["status"] in ("improved", "unchanged", "reverted")
+    assert summary["conversion"]["reconstruction"]["blocks"]
