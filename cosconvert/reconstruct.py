@@ -41,6 +41,7 @@ from cosconvert.trace import fetch, trace
 
 __all__ = ["reconstruct", "find_blocks"]
 
+REFIT_SAMPLES = 128  # inputs the closed-form refit of a block's gains and biases sums over
 FALLBACK_DEPTH = 1  # without repeated blocks, the top-level children (with parameters) are the blocks
 
 
@@ -462,9 +463,13 @@ def _refit(block: nn.Module, source: nn.Module, captured: list[tuple[tuple, dict
         norm = layer.__dict__.get("_stripped_norm", (None, None))[1]
         targets[id(weight)] = (originals.get(f"{owner}.bias" if owner else "bias"), norm)
     fits = LayerFits(block, only=only, targets=targets)
+    taken = 0
     with CF.observing(fits):
-        for args, kwargs in captured:
+        for args, kwargs in captured:  # a few batches fix a gain per unit; more only cost time
             block(*args, **kwargs)
+            taken += len(_leaves(args)[0])
+            if taken >= REFIT_SAMPLES:
+                break
     fits.settle()
 
 
@@ -572,7 +577,7 @@ def reconstruct(
             there on the same images (so errors made before the block are corrected, not carried on), or
             ``"block"``, the original block applied to what the converted network feeds it.
         refit: first refit the block's gains and biases in closed form, as :func:`cosconvert.calibrate`
-            does, on the inputs the reconstructed prefix feeds it (a block is never left worse than before).
+            does, on (up to 128 of) the inputs the reconstructed prefix feeds it (a block is never left worse than before).
         amp: autocast dtype, ``"bf16"``, ``"fp16"`` (with a gradient scaler) or None (float32), on any
             device. ``"auto"``: bf16 on CUDA, float32 elsewhere (a CPU without native bfloat16 runs it
             slower than float32). Norms are taken in float32 either way.
