@@ -92,7 +92,8 @@ def graft(module: nn.Module, gm: fx.GraphModule) -> nn.Module:
     attributes (gains) set in it: its class, attributes and methods stay, so a parent run by
     fallback still finds them (``self.attn.resolution``)."""
     for name, sub in gm.named_modules():
-        if name and module.get_submodule(name) is not sub:
+        # fx holds the containers on the way to a called module as bare nn.Module()s: the real ones stay
+        if name and type(sub) is not nn.Module and module.get_submodule(name) is not sub:
             module.set_submodule(name, sub)
     for node in gm.graph.nodes:
         if node.op != "get_attr":

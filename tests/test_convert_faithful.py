@@ -269,3 +269,49 @@ def test_a_layer_run_by_fallback_has_a_gain_per_output_unit():
         layer.cosine_gain.copy_(torch.arange(1.0, 7.0))
         after = converted(x) - bias
     torch.testing.assert_close(after, before * torch.arange(1.0, 7.0).view(1, -1, 1, 1))
+
+
+class _IteratedBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.mix = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x)) + x
+        return F.linear(y.movedim(1, -1), self.mix).movedim(-1, 1)  # a functional call of the block's own
+
+
+class _IteratesItsBlocks(nn.Module):
+    """Falls back (an optional input) and iterates its Sequential in Python, as timm's naflexvit does."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(_IteratedBlock(), _IteratedBlock())
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x, mask=None):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_fallback_that_iterates_a_traced_container_keeps_its_blocks():
+    """Grafting the container's graph back used to put fx's bare ``nn.Module()`` holders in place of
+    its blocks, which then had no forward; the blocks stay themselves, and every call is a cosine."""
+    torch.manual_seed(0)
+    converted = assert_faithful(_IteratesItsBlocks().eval(), torch.randn(2, 4, 6, 6))
+    assert type(converted.blocks[0]).__name__ == "_IteratedBlock"
+
+
+@pytest.mark.parametrize(
+    "layer, shape",
+    [(nn.Linear(8, 4), (0, 8)), (nn.Conv1d(3, 4, 3), (0, 3, 9)), (nn.Conv2d(3, 4, 3), (0, 3, 8, 8)),
+     (nn.Conv3d(2, 4, 3), (0, 2, 5, 5, 5))],
+)  # fmt: skip
+@pytest.mark.parametrize("centered", [False, True])
+def test_an_empty_batch_gives_an_empty_output(layer, shape, centered):
+    converted = cosconvert.convert(nn.Sequential(layer), centered=centered)
+    with torch.no_grad():
+        out, ref = converted(torch.zeros(shape)), layer(torch.zeros(shape))
+    assert out.shape == ref.shape
