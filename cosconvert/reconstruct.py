@@ -304,19 +304,15 @@ class _Stop(Exception):
     """Raised by the capture hook: the rest of the forward pass is not needed."""
 
 
-def _capture(run: nn.Module, block: nn.Module, batches: list[tuple], output: bool = False) -> list:
-    """What ``run`` feeds ``block`` on each batch (its args and kwargs), or with ``output`` what
-    ``block`` returns there, stopping each pass at that point."""
+def _capture(run: nn.Module, block: nn.Module, batches: list[tuple]) -> list:
+    """What ``run`` feeds ``block`` on each batch (its args and kwargs), stopping each pass there."""
     captured: list = []
 
-    def hook(module, args, kwargs, out=None):
-        captured.append(_detach(out) if output else (_detach(args), _detach(kwargs)))
+    def hook(module, args, kwargs):
+        captured.append((_detach(args), _detach(kwargs)))
         raise _Stop
 
-    if output:
-        handle = block.register_forward_hook(hook, with_kwargs=True)
-    else:
-        handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
             for inputs in batches:
