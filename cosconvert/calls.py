@@ -1,9 +1,10 @@
 """Cosine normalization for code that fx cannot see into, and the run-time check of it.
 
 :class:`CosineCalls` is a ``TorchFunctionMode`` that runs every dot-product layer call made
-while it is active (``F.linear``, ``F.convNd``, and ``torch.addmm`` with a weight
-``Parameter`` as its matrix, as transformers' ``Conv1D`` computes a linear layer) as its
-cosine twin. The converter uses it around the few places a graph pass cannot rewrite:
+while it is active (``F.linear``, ``F.convNd``, ``torch.addmm`` with a weight ``Parameter``
+as its matrix, as transformers' ``Conv1D`` computes a linear layer, and a product of an
+activation with a weight: ``x @ W.T``, ``einsum``, grouped experts' ``_grouped_mm``) as its
+cosine twin; inside ``F.multi_head_attention_forward`` too, whose projections it sees. The converter uses it around the few places a graph pass cannot rewrite:
 functions that fx records as opaque leaves (``torch.fx.wrap``) and modules whose forward
 cannot be traced faithfully. :class:`DotProductCalls` watches a run and records which layer
 calls ran plain and which :class:`CosineCalls` turned into cosines.
@@ -11,7 +12,10 @@ calls ran plain and which :class:`CosineCalls` turned into cosines.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import operator
+import types
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
@@ -46,6 +50,53 @@ TWINS: dict[Callable, Callable] = {
     torch.ops.aten.conv2d.default: CF.cosine_conv2d,
     torch.ops.aten.conv3d.default: CF.cosine_conv3d,
 }
+
+
+# Products that are a linear layer when one operand is a weight (a Parameter or a view of one).
+MATMULS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, operator.matmul, torch.mm, torch.Tensor.mm,
+           torch.bmm, torch.Tensor.bmm}  # fmt: skip
+GROUPED_MMS = {torch._grouped_mm, *([F.grouped_mm] if hasattr(F, "grouped_mm") else [])}
+PRODUCTS = MATMULS | GROUPED_MMS | {torch.einsum}
+
+
+@dataclasses.dataclass
+class Product:
+    """A product call with exactly one weight operand: its cosine twin, called as
+    ``twin(*args, **kwargs, weight=weight, centered=..., eps=..., gain=...)``."""
+
+    twin: Callable
+    args: tuple
+    kwargs: dict
+    weight: int  # which operand (0 or 1) is the weight
+    operand: Tensor | None  # the weight operand itself (at run time)
+
+
+def product(func, args: tuple, kwargs: dict, weighted: Callable = None) -> Product | None:
+    """``func(*args, **kwargs)`` as a :class:`Product`, where it is a matmul, einsum or grouped product
+    of two operands exactly one of which is ``weighted`` (default :func:`is_weight`); else None."""
+    weighted = weighted or is_weight
+    if func in MATMULS and len(args) == 2 and not kwargs:
+        twin, operands, extra = CF.cosine_matmul, tuple(args), {}
+    elif func is torch.einsum and len(args) >= 2 and not kwargs:
+        operands = tuple(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else tuple(args[1:])
+        twin, extra = functools.partial(CF.cosine_einsum, args[0]), {}
+    elif func in GROUPED_MMS and len(args) >= 2:
+        twin, operands, extra = CF.cosine_grouped_mm, tuple(args[:2]), {**dict(zip(("offs", "bias", "out_dtype"), args[2:])), **kwargs}
+    else:
+        return None
+    if len(operands) != 2:
+        return None
+    flags = [bool(weighted(t)) for t in operands]
+    if flags.count(True) != 1:
+        return None
+    if func is torch.einsum and CF.contracted_dims(args[0], [_rank(t) for t in operands]) is None:
+        return None
+    index = flags.index(True)
+    return Product(twin, operands, extra, index, operands[index] if isinstance(operands[index], Tensor) else None)
+
+
+def _rank(t) -> int:
+    return t.dim() if isinstance(t, Tensor) else -1  # a graph node: unknown
 
 
 def is_weight(t) -> bool:
@@ -123,12 +174,27 @@ class CosineCalls(TorchFunctionMode):
                 gain = gain[first : first + weight.shape[0]]
         return self.layer_gain if gain is None else gain
 
+    def _left_plain(self, weight: Tensor | None) -> bool:
+        return weight is not None and (id(weight) in self.plain or (weight._base is not None and id(weight._base) in self.plain))
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in SEE_INSIDE:
+            with self:
+                return _unguarded(func)(*args, **kwargs)
         weight = None if _plain_depth or CF.in_cosine_math() else layer_weight(func, args, kwargs)
+        if weight is None and not (_plain_depth or CF.in_cosine_math()):
+            found = product(func, args, kwargs)
+            if found is not None and not self._left_plain(found.operand):
+                for watcher in _watchers:
+                    watcher.cosine(func, found.operand)
+                gain = self._gain(found.operand)
+                gain = gain if gain is not None and gain.numel() == 1 else None  # a unit's gain has no layout here
+                return found.twin(*found.args, **found.kwargs, weight=found.weight, centered=self.centered,
+                                  eps=self.eps, gain=gain)  # fmt: skip
         if weight is None:  # not a layer call, the cosine math's own calls, or one left plain on purpose
             return func(*args, **kwargs)
-        if id(weight) in self.plain or (weight._base is not None and id(weight._base) in self.plain):
+        if self._left_plain(weight):
             with leave_plain():
                 return func(*args, **kwargs)
         for watcher in _watchers:
@@ -165,7 +231,13 @@ class DotProductCalls(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in SEE_INSIDE:
+            with self:
+                return _unguarded(func)(*args, **kwargs)
         weight = None if CF.in_cosine_math() else layer_weight(func, args, kwargs)
+        if weight is None and not CF.in_cosine_math():
+            found = product(func, args, kwargs)
+            weight = None if found is None else found.operand
         if weight is not None:
             self._record(self.plain, _name(func), weight)
         return func(*args, **kwargs)
@@ -173,6 +245,21 @@ class DotProductCalls(TorchFunctionMode):
 
 def _name(func) -> str:
     return "addmm" if func in ADDMM else getattr(func, "__name__", str(func)).split(".")[0]
+
+
+@functools.cache
+def _unguarded(fn: types.FunctionType) -> types.FunctionType:
+    """A copy of a torch Python function whose ``has_torch_function`` guard is always false, so the
+    calls it makes inside reach the active mode (which is off while it handles ``fn`` itself)."""
+    scope = {**fn.__globals__, "has_torch_function": lambda *_: False}
+    copy_ = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy_.__kwdefaults__ = fn.__kwdefaults__
+    return copy_
+
+
+# Torch functions that make their layer calls inside (nn.MultiheadAttention's functional form,
+# which transformers' WavLM calls with its own projection weights).
+SEE_INSIDE = {F.multi_head_attention_forward}
 
 
 def gains_of(module: nn.Module) -> list[tuple[Tensor, Tensor]]:

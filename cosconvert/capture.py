@@ -73,11 +73,16 @@ def example_batch(example_inputs, calibration_data: Iterable | None) -> tuple[tu
     return None
 
 
+_MODULE_STATE = {"_parameters", "_buffers", "_modules"}
+
+
 @contextmanager
 def quiet(model: nn.Module):
     """No gradients, the same random numbers each run (dropout), and buffers (BatchNorm's running
-    statistics) put back afterwards."""
+    statistics) and plain attributes put back afterwards: a module that resets its own settings to
+    fit an input (Swin shrinks ``window_size`` to a small image) must not keep them for the next."""
     buffers = [(b, b.clone()) for b in model.buffers()]
+    attributes = [(m, {k: v for k, v in vars(m).items() if k not in _MODULE_STATE}) for m in model.modules()]
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         try:
@@ -85,6 +90,12 @@ def quiet(model: nn.Module):
         finally:
             for buffer, saved in buffers:
                 buffer.copy_(saved)
+            for module, saved in attributes:
+                for key in [k for k in vars(module) if k not in saved and k not in _MODULE_STATE]:
+                    delattr(module, key)
+                for key, value in saved.items():
+                    if vars(module).get(key, value) is not value:
+                        setattr(module, key, value)
 
 
 def _clone(tree):

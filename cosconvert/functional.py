@@ -608,3 +608,108 @@ def cosine_conv3d(
 ) -> Tensor:
     """Cosine-normalized ``F.conv3d``; arguments as there."""
     return _cosine_conv(input, weight, bias, stride, padding, dilation, groups, centered, eps, gain)
+
+
+# -- products with a weight: matmul, einsum, grouped experts -----------------------------------
+# A linear layer written as ``x @ W.T``, ``einsum("bld,hd->blh", x, W)`` or a grouped experts'
+# ``_grouped_mm(x, W, offs)`` is still one dot product per output: of the weight's vector along the
+# contracted dimensions with the input's. Normalizing both operands along those dimensions first
+# turns each into a cosine, whatever the product's layout.
+_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def matmul_equation(ndim_a: int, ndim_b: int) -> str:
+    """``torch.matmul``'s contraction as an einsum equation, for operands of these ranks (1-D included)."""
+    a = "...nk" if ndim_a > 1 else "k"
+    b = "...km" if ndim_b > 1 else "k"
+    out = ("...n" if ndim_a > 1 else "...") + ("m" if ndim_b > 1 else "")
+    return f"{a},{b}->{out}"
+
+
+def contracted_dims(equation: str, ndims: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """The dimensions each of two operands (of ranks ``ndims``) is contracted over, counted from the end; None where the
+    einsum is not a linear map of one by the other (a third operand, a diagonal, or a sum over a
+    dimension of one operand alone)."""
+    equation = equation.replace(" ", "")
+    inputs, arrow, out = equation.partition("->")
+    specs = inputs.split(",")
+    if len(specs) != 2 or len(ndims) != 2:
+        return None
+    free = [c for c in _LETTERS if c not in equation]
+    # an operand of unknown rank (-1) is taken to have one broadcast dimension (counts from the end hold)
+    n_ell = [(n - (len(s) - 3) if n >= 0 else 1) if "..." in s else 0 for s, n in zip(specs, ndims)]
+    ell = free[: max(n_ell)]
+    specs = [s.replace("...", "".join(ell[len(ell) - k :])) for s, k in zip(specs, n_ell)]
+    if arrow:
+        out = out.replace("...", "".join(ell))
+    else:  # implicit output: the broadcast dimensions, then the letters used once, in order
+        counts = "".join(specs)
+        out = "".join(ell) + "".join(sorted(c for c in set(counts) if counts.count(c) == 1 and c not in ell))
+    a, b = specs
+    if len(set(a)) != len(a) or len(set(b)) != len(b):
+        return None
+    if any(c not in out and (c in a) != (c in b) for c in a + b):
+        return None  # summed over in one operand alone: not a dot product of the two
+    contracted = [c for c in a if c in b and c not in out]
+    if not contracted:
+        return None
+    return tuple(a.index(c) - len(a) for c in contracted), tuple(b.index(c) - len(b) for c in contracted)
+
+
+def _contraction_normalized(t: Tensor, dims: tuple[int, ...], centered: bool, eps: float) -> Tensor:
+    """``t``'s vectors along ``dims`` over their norms (centered first if asked), in the norm type."""
+    x = t.to(_norm_dtype(t.dtype))
+    if centered:
+        raw = x.square().sum(dims, keepdim=True)
+        x = x - x.mean(dims, keepdim=True)
+        return x * centered_inverse_norm(x.square().sum(dims, keepdim=True), raw, eps)
+    return x * inverse_norm(x.square().sum(dims, keepdim=True), eps)
+
+
+def _normalized_operands(
+    a: Tensor, b: Tensor, dims: tuple[tuple[int, ...], tuple[int, ...]], weight: int, centered: bool, eps: float,
+    gain: Tensor | None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    a, b = (_contraction_normalized(t, d, centered, eps) for t, d in zip((a, b), dims))
+    if gain is not None:  # broadcast over the weight operand, its contracted dimensions of size 1
+        if weight == 0:
+            a = a * gain.to(a.dtype)
+        else:
+            b = b * gain.to(b.dtype)
+    return a, b
+
+
+def cosine_einsum(
+    equation: str, a: Tensor, b: Tensor, *, weight: int = 1, centered: bool = False, eps: float = 1e-6,
+    gain: Tensor | None = None,
+) -> Tensor:  # fmt: skip
+    """``torch.einsum(equation, a, b)`` with each output the cosine of the two operands' vectors along the
+    contracted dimensions; ``weight`` (0 or 1) names the weight operand, whose ``gain`` (shaped like it,
+    its contracted dimensions of size 1) scales each output unit."""
+    dims = contracted_dims(equation, (a.dim(), b.dim()))
+    if dims is None:
+        raise ValueError(f"einsum {equation!r} is not a linear map of one operand by the other")
+    out_dtype = torch.promote_types(a.dtype, b.dtype)
+    a_n, b_n = _normalized_operands(a, b, dims, weight, centered, eps, gain)
+    with _CosineMath():
+        return torch.einsum(equation, a_n, b_n).to(out_dtype)
+
+
+def cosine_matmul(
+    a: Tensor, b: Tensor, *, weight: int = 1, centered: bool = False, eps: float = 1e-6, gain: Tensor | None = None
+) -> Tensor:
+    """``a @ b`` (``torch.matmul``, ``mm``, ``bmm``) as cosines: see :func:`cosine_einsum`."""
+    return cosine_einsum(matmul_equation(a.dim(), b.dim()), a, b, weight=weight, centered=centered, eps=eps, gain=gain)
+
+
+def cosine_grouped_mm(
+    a: Tensor, b: Tensor, offs: Tensor | None = None, bias: Tensor | None = None, out_dtype=None, *,
+    weight: int = 1, centered: bool = False, eps: float = 1e-6, gain: Tensor | None = None,
+) -> Tensor:  # fmt: skip
+    """Grouped experts' ``torch._grouped_mm(a, b, offs)`` (``a (tokens, in)``, ``b (experts, in, out)``;
+    ``F.grouped_mm`` is the same) as cosines: each token's input with each column of its expert's matrix."""
+    a_n, b_n = _normalized_operands(a, b, ((-1,), (-2,)), weight, centered, eps, gain)
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    extra = {} if bias is None and out_dtype is None else {"bias": bias, "out_dtype": out_dtype}
+    with _CosineMath():
+        return torch._grouped_mm(a_n.to(dtype), b_n.to(dtype), offs=offs, **extra)

@@ -7,6 +7,12 @@ It runs on a GraphModule (:mod:`cosconvert.trace`) whose layer modules the walk
   ``torch.addmm`` whose matrix is a weight, as transformers' ``Conv1D`` computes) is pointed at
   its cosine twin (:mod:`cosconvert.calls`), with the gain of the cosine layer owning its
   weight, or a new gain parameter;
+- a product of an activation with a weight (``x @ W.T``, ``einsum``, grouped experts'
+  ``_grouped_mm``) becomes its cosine twin, with a gain per output unit of the weight; one that is no
+  linear map of the activation, and the dot products cosconvert does not convert (transposed
+  convolutions, bilinear forms), are listed as skipped with the reason;
+- ``F.multi_head_attention_forward``, which makes its projections inside, runs under
+  :class:`~cosconvert.calls.CosineCalls`, which sees them;
 - a normalizer, as a module or a functional call, goes to :class:`~cosconvert.strip.NormStripper`;
 - a plain Python function fx recorded as an opaque leaf runs under
   :class:`~cosconvert.calls.CosineCalls`.
@@ -14,13 +20,27 @@ It runs on a GraphModule (:mod:`cosconvert.trace`) whose layer modules the walk
 
 from __future__ import annotations
 
+import builtins
+import operator
 import types
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
-from cosconvert.calls import ADDMM, TWINS, cosine_addmm, is_weight, plain_function, scoped_function
+from cosconvert import functional as CF
+from cosconvert.calls import (
+    ADDMM,
+    PRODUCTS,
+    SEE_INSIDE,
+    TWINS,
+    cosine_addmm,
+    is_weight,
+    plain_function,
+    product,
+    scoped_function,
+)
 from cosconvert.layers import is_norm
 from cosconvert.nn import _CosineMixin
 from cosconvert.report import ConversionReport
@@ -58,7 +78,14 @@ class GraphRewriter:
                 self.rewrite_functional(gm, node, prefix, units, in_fallback)
             elif node.op == "call_function" and node.target in NORM_FUNCTIONS:
                 self.stripper.strip_function(gm, node, prefix)
-            elif node.op == "call_function" and _is_opaque(node.target):
+            elif _product_target(node) is not None:
+                self.rewrite_product(gm, node, prefix, in_fallback)
+            elif node.op == "call_function" and node.target in UNCONVERTED and _weight_view(gm, _arg(node, 1, "weight")) is not None:
+                self.report.skipped.append({
+                    "name": join(prefix, node_path(node)), "type": function_name(node.target),
+                    "reason": UNCONVERTED[node.target],
+                })  # fmt: skip
+            elif node.op == "call_function" and (_is_opaque(node.target) or node.target in SEE_INSIDE):
                 self.scope_function(gm, node, prefix)
         gm.graph.lint()
         gm.delete_all_unused_submodules()
@@ -102,10 +129,53 @@ class GraphRewriter:
                     count = fetch(gm, weight.target).shape[1 if addmm else 0]
                 elif units:
                     count = units
-            like = next(gm.parameters(), torch.empty(0))
-            name = f"cosine_gain_{self._new_gains}"
-            self._new_gains += 1
-            gm.register_parameter(name, nn.Parameter(torch.ones(count, device=like.device, dtype=like.dtype)))
+        return self.new_gain(gm, node, (count,))
+
+    def rewrite_product(self, gm: fx.GraphModule, node: fx.Node, prefix: str, in_fallback: bool) -> None:
+        """Point a product of an activation with a weight at its cosine twin, with a gain shaped like the
+        weight operand, its contracted dimensions of size 1. A product that is no linear map of the
+        activation is listed as skipped."""
+        target = _product_target(node)
+        weights = {}
+        found = product(target, node.args, node.kwargs, lambda n: weights.setdefault(n, _weight_view(gm, n)) is not None)
+        name = join(prefix, node_path(node))
+        if found is None:
+            if any(w is not None for w in weights.values()) and sum(w is not None for w in weights.values()) == 1:
+                self.report.skipped.append({
+                    "name": name, "type": function_name(target),
+                    "reason": "a product with a weight that is no linear map of one input (a sum over one operand alone, or more than two operands)",
+                })  # fmt: skip
+            return
+        if not self.selected(name, None):
+            self.report.skipped.append({"name": name, "type": function_name(target), "reason": EXCLUDED})
+            if in_fallback:
+                node.target = plain_function(target)
+            return
+        like = weights[found.args[found.weight]]
+        gain = None
+        if self.gain != "none":
+            shape = (1,)
+            if self.gain == "channel":
+                shape = list(like.shape)
+                for d in _weight_contracted(target, node.args, found.weight, like.dim()):
+                    shape[d] = 1
+            gain = self.new_gain(gm, node, tuple(shape))
+        if target is torch.einsum:
+            node.target, node.args = CF.cosine_einsum, (node.args[0], *found.args)
+        else:
+            node.target, node.args = found.twin, tuple(found.args)
+        node.kwargs = {**found.kwargs, "weight": found.weight, "centered": self.centered, "eps": self.eps, "gain": gain}
+        self.report.converted.append(
+            {"name": name, "kind": "functional", "source": function_name(target), "target": node.target.__name__}
+        )
+
+    def new_gain(self, gm: fx.GraphModule, node: fx.Node, shape: tuple[int, ...]) -> fx.Node:
+        """A new gain parameter of ones on ``gm``, read just before ``node``."""
+        like = next(gm.parameters(), torch.empty(0))
+        name = f"cosine_gain_{self._new_gains}"
+        self._new_gains += 1
+        gm.register_parameter(name, nn.Parameter(torch.ones(shape, device=like.device, dtype=like.dtype)))
+        with gm.graph.inserting_before(node):
             return gm.graph.get_attr(name)
 
     def scope_function(self, gm: fx.GraphModule, node: fx.Node, prefix: str) -> None:
@@ -123,6 +193,73 @@ class GraphRewriter:
         })  # fmt: skip
         node.target = scoped_function(node.target, self.centered, self.eps)
         node.args = (tuple(pairs), *node.args)
+
+
+# Dot products cosconvert leaves as they are: listed as skipped where they take a weight.
+UNCONVERTED = {
+    F.conv_transpose1d: "transposed convolution: an output sums over scattered inputs, no receptive field",
+    F.conv_transpose2d: "transposed convolution: an output sums over scattered inputs, no receptive field",
+    F.conv_transpose3d: "transposed convolution: an output sums over scattered inputs, no receptive field",
+    F.bilinear: "bilinear form x1^T W x2, not a dot product with one input",
+    torch.baddbmm: "a batched product added to a tensor, not converted",
+    torch.addbmm: "a batched product added to a tensor, not converted",
+}
+_METHOD_PRODUCTS = {"matmul": torch.matmul, "__matmul__": torch.matmul, "mm": torch.mm, "bmm": torch.bmm}
+_VIEW_METHODS = {"t", "transpose", "permute", "view", "unsqueeze", "squeeze", "expand", "unflatten", "__getitem__"}
+_VIEW_FUNCTIONS = {torch.t, torch.transpose, torch.permute, torch.unsqueeze, torch.squeeze, operator.getitem}
+
+
+def _arg(node: fx.Node, index: int, name: str):
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name)
+
+
+def _product_target(node: fx.Node):
+    """The torch function of a matmul / einsum / grouped-product node (a method call mapped to it), else None."""
+    if node.op == "call_function" and node.target in PRODUCTS:
+        return node.target
+    if node.op == "call_method" and node.target in _METHOD_PRODUCTS:
+        return _METHOD_PRODUCTS[node.target]
+    return None
+
+
+def _weight_view(gm: fx.GraphModule, node) -> torch.Tensor | None:
+    """A meta tensor shaped like ``node``'s value where it is a parameter or a view of one (``W.T``,
+    ``W.transpose(-2, -1)``, ``W[0]``), else None."""
+    if is_get_attr(node):
+        t = fetch(gm, node.target)
+        return torch.empty(t.shape, device="meta") if is_weight(t) and t.dim() >= 2 else None
+    if not isinstance(node, fx.Node) or not node.args:
+        return None
+    view = node.op == "call_method" and node.target in _VIEW_METHODS
+    view |= node.op == "call_function" and (node.target in _VIEW_FUNCTIONS or (node.target is builtins.getattr and node.args[1] in ("T", "mT")))
+    if not view:
+        return None
+    base = _weight_view(gm, node.args[0])
+    rest = node.args[1:]
+    if base is None or any(isinstance(a, fx.Node) for a in _flat(rest)) or node.kwargs:
+        return None
+    try:
+        if node.op == "call_method":
+            return getattr(base, node.target)(*rest)
+        return node.target(base, *rest)
+    except Exception:  # noqa: BLE001 - a view that does not replay on a meta tensor: not taken as a weight
+        return None
+
+
+def _flat(args) -> list:
+    out = []
+    fx.node.map_aggregate(args, out.append)
+    return out
+
+
+def _weight_contracted(target, args, weight: int, rank: int) -> tuple[int, ...]:
+    """The dimensions of the weight operand that ``target`` contracts, counted from the end."""
+    if target is torch.einsum:
+        dims = CF.contracted_dims(args[0], [rank if i == weight else -1 for i in range(2)])
+        return dims[weight]
+    if weight == 0:  # the left operand's last dimension (matmul, grouped products)
+        return (-1,)
+    return (-2,) if rank > 1 else (-1,)
 
 
 def _weight_operand(gm: fx.GraphModule, args) -> bool:

@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from cosconvert.layers import is_leaf
+from cosconvert.layers import is_leaf, is_norm
 
 
 class Tracer(fx.Tracer):
@@ -90,11 +90,16 @@ def from_constants(node) -> bool:
 def graft(module: nn.Module, gm: fx.GraphModule) -> nn.Module:
     """``module`` running ``gm``'s code as its forward, with ``gm``'s converted submodules and new
     attributes (gains) set in it: its class, attributes and methods stay, so a parent run by
-    fallback still finds them (``self.attn.resolution``)."""
-    for name, sub in gm.named_modules():
+    fallback still finds them (``self.attn.resolution``). A normalizer the rewrite took out of the
+    graph (stripped) becomes an ``nn.Identity`` here too, so that ``print(model)`` shows what runs."""
+    kept = dict(gm.named_modules())
+    for name, sub in kept.items():
         # fx holds the containers on the way to a called module as bare nn.Module()s: the real ones stay
         if name and type(sub) is not nn.Module and module.get_submodule(name) is not sub:
             module.set_submodule(name, sub)
+    for name, sub in list(module.named_modules()):
+        if name and name not in kept and is_norm(sub):
+            module.set_submodule(name, nn.Identity())
     for node in gm.graph.nodes:
         if node.op != "get_attr":
             continue

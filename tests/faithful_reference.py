@@ -11,6 +11,12 @@ transform in its forward. The cosine is ``tests/reference.py``'s unfold-based on
 norms floored at ``eps``), taken in float64. Products between activations (attention's q·k,
 ``scaled_dot_product_attention``) run as they are.
 
+A product of an activation with a weight (``matmul``/``mm``/``bmm``/``@``, a two-operand ``einsum``,
+grouped experts' ``_grouped_mm``) is a linear layer too: its cosine is the product itself over the
+norms of the two vectors each output contracts, and those norms are the same product taken of the
+squared operand against ones, ``einsum(eq, a*a, 1)`` and ``einsum(eq, 1, b*b)``; no parsing of which
+dimensions are contracted, and grouped experts are taken one expert at a time.
+
 ``F.multi_head_attention_forward`` hides its ``F.linear`` calls from a mode (the mode is off
 while it handles the call), so the mode runs a copy of it with its torch-function guard
 removed and itself active again, and sees the projections inside.
@@ -36,6 +42,26 @@ CONVS = {F.conv1d, F.conv2d, F.conv3d}  # F.convNd is torch.convNd
 CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 # Products that may hide a weight: watched, not replaced, so a layer computed another way shows up.
 PRODUCTS = {torch.matmul, torch.mm, torch.bmm, torch.einsum, torch.baddbmm, torch.Tensor.__matmul__, torch.addmm}
+MATMULS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm, torch.bmm, torch.Tensor.bmm}
+GROUPED = {torch._grouped_mm, *([F.grouped_mm] if hasattr(F, "grouped_mm") else [])}
+
+
+def _product_cosine(product, a, b, eps):
+    """``product(a, b)`` with each output over the norms of the two vectors it contracts (float64)."""
+    a, b = a.double(), b.double()
+    num = product(a, b)
+    norm_a = product(a * a, torch.ones_like(b)).sqrt().clamp_min(eps)
+    norm_b = product(torch.ones_like(a), b * b).sqrt().clamp_min(eps)
+    return num / (norm_a * norm_b)
+
+
+def _grouped_cosine(a, b, offs, eps):
+    """Grouped experts, one at a time: rows ``offs[e-1]:offs[e]`` of ``a`` against ``b[e]`` (``a (T, K)``, ``b (E, K, N)``)."""
+    out, start = [], 0
+    for e, end in enumerate(offs.tolist()):
+        out.append(_product_cosine(torch.matmul, a[start:end], b[e], eps))
+        start = end
+    return torch.cat(out)
 
 
 def _is_weight(t) -> bool:
@@ -82,6 +108,17 @@ class CosineReference(TorchFunctionMode):
         if func in SEE_INSIDE:
             with self:
                 return _unguarded(func)(*args, **kwargs)
+        weights = [_is_weight(a) for a in args if isinstance(a, torch.Tensor)]
+        if func in MATMULS and not kwargs and len(args) == 2 and weights.count(True) == 1:
+            self.calls["matmul"] += 1
+            return _product_cosine(torch.matmul, *args, self.eps).to(args[0].dtype)
+        if func is torch.einsum and len(args) == 3 and weights.count(True) == 1:
+            self.calls["einsum"] += 1
+            return _product_cosine(functools.partial(torch.einsum, args[0]), *args[1:], self.eps).to(args[1].dtype)
+        if func in GROUPED and weights.count(True) == 1:
+            self.calls["grouped_mm"] += 1
+            offs = kwargs.get("offs", args[2] if len(args) > 2 else None)
+            return _grouped_cosine(args[0], args[1], offs, self.eps).to(args[0].dtype)
         if func in PRODUCTS and any(_is_weight(a) for a in args):
             shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
             self.weight_products.append(f"{getattr(func, '__name__', func)}{shapes}")

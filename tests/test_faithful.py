@@ -137,6 +137,46 @@ def hf_whisper_encoder():
     return transformers.WhisperModel(config).get_encoder()
 
 
+# Issue 27's long tail: dot products that are no F.linear call of a module.
+def hf_wavlm():  # calls F.multi_head_attention_forward with its q/k/v/out_proj weights
+    config = transformers.WavLMConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, conv_dim=(8, 8),
+        conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+    )  # fmt: skip
+    return transformers.WavLMModel(config)
+
+
+def hf_falcon():  # FalconLinear computes input @ self.weight.T
+    config = transformers.FalconConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+    return transformers.FalconModel(config)
+
+
+def hf_mamba():  # dt_proj.weight @ x
+    config = transformers.MambaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, state_size=8, expand=2)
+    return transformers.MambaModel(config)
+
+
+def hf_mixtral():  # fused experts: torch._grouped_mm
+    config = transformers.MixtralConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+    return transformers.MixtralModel(config)
+
+
+def hf_qwen3_moe():
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, head_dim=8,
+    )  # fmt: skip
+    return transformers.Qwen3MoeModel(config)
+
+
+def hf_swin():  # its probe at a small size shrinks window_size, which must not stick
+    config = transformers.SwinConfig(image_size=224, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2])
+    return transformers.SwinModel(config)
+
+
 def vit_images():
     x2, x3 = torch.randn(2, 3, 32, 32), torch.randn(3, 3, 48, 48)
     return [((), {"pixel_values": x2}), ((), {"pixel_values": x3, "interpolate_pos_encoding": True})]
@@ -154,6 +194,12 @@ HF = {
         hf_whisper_encoder,
         lambda: [((torch.randn(2, 8, 32),), {}), ((torch.randn(3, 8, 32),), {})],
     ),
+    "WavLMModel": (hf_wavlm, lambda: [((torch.randn(2, 400),), {}), ((torch.randn(3, 600),), {})]),
+    "FalconModel": (hf_falcon, lambda: tokens((2, 7), (3, 11), mask=(1,))),
+    "MambaModel": (hf_mamba, lambda: tokens((2, 7), (3, 11))),
+    "MixtralModel": (hf_mixtral, lambda: tokens((2, 7), (3, 11), mask=(1,))),
+    "Qwen3MoeModel": (hf_qwen3_moe, lambda: tokens((2, 7), (3, 11), mask=(1,))),
+    "SwinModel": (hf_swin, lambda: [((torch.randn(1, 3, 224, 224),), {})]),
 }
 
 # torchvision: name -> (extra get_model arguments, input sets)
