@@ -35,7 +35,7 @@ from torch import nn
 
 from cosconvert.calibration import calibrate
 from cosconvert.calls import plain_class, scoped_class
-from cosconvert.capture import Capture, example_batch, optional_inputs
+from cosconvert.capture import Capture, example_batch, optional_inputs, quiet
 from cosconvert.layers import LAYERS, LEAVES, UNCONVERTIBLE, is_done, is_leaf, is_norm, out_units, own_forward
 from cosconvert.nn import GAINS, CosineMultiheadAttention
 from cosconvert.report import ConversionReport
@@ -43,7 +43,7 @@ from cosconvert.rewrite import GraphRewriter
 from cosconvert.selection import EXCLUDED, Selection, pattern_names
 from cosconvert.strip import STRIP_MODES, Affine, NormStripper
 from cosconvert.trace import graft, join, trace
-from cosconvert.verify import verify
+from cosconvert.verify import compare_with_cosine_calls, cosine_calls_output, verify
 
 __all__ = ["convert", "inspect", "report_of", "Affine", "STRIP_MODES"]
 
@@ -115,9 +115,11 @@ def convert(
         report.checks["run-time check"] = "not needed: no fallback, every layer call is a node of the graph"
     elif capture.example is not None:
         verify(converted, report, *capture.example)
+    if capture.example is not None and not strip_norms and (report.fallbacks or example_inputs is not None):
+        compare_with_cosine_calls(model, converted, report, *capture.example, centered, eps)
     _attach(converted, report)
     if example_inputs is not None:
-        _check_outputs(model, converted, batch[0], batch[1])
+        _check_outputs(model, converted, batch[0], batch[1], centered, eps)
     if calibration_data is not None:
         calibrate(converted, model, calibration_data)
     return converted
@@ -315,10 +317,13 @@ def _attach(converted: nn.Module, report: ConversionReport) -> None:
         preserved["cosine_report"] = report
 
 
-def _check_outputs(model: nn.Module, converted: nn.Module, args: tuple, kwargs: dict) -> None:
-    with torch.no_grad():
-        ref, out = model(*args, **kwargs), converted(*args, **kwargs)
-    ref_shapes = [t.shape for t in torch.utils._pytree.tree_leaves(ref) if isinstance(t, torch.Tensor)]
-    out_shapes = [t.shape for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-    if ref_shapes != out_shapes:
-        raise RuntimeError(f"converted model's outputs {out_shapes} differ in shape from the original's {ref_shapes}")
+def _check_outputs(model: nn.Module, converted: nn.Module, args: tuple, kwargs: dict, centered: bool, eps: float) -> None:
+    """The converted model's outputs have the original's shapes, or, where the network computes a
+    length (a duration predictor), those of the original run with cosine calls."""
+    shapes = lambda out: [t.shape for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]  # noqa: E731
+    with quiet(model):
+        ref = shapes(model(*args, **kwargs))
+    with quiet(converted):
+        out = shapes(converted(*args, **kwargs))
+    if ref != out and shapes(cosine_calls_output(model, args, kwargs, centered, eps)) != out:
+        raise RuntimeError(f"converted model's outputs {out} differ in shape from the original's {ref}")

@@ -1,22 +1,31 @@
-"""The run-time check that makes a conversion report say how the converted model's layers really ran.
+"""The run-time checks that make a conversion report say how the converted model's layers really ran.
 
 A layer converted by module swap or graph rewrite is a cosine by construction; what runs by
 fallback (a forward under :class:`~cosconvert.calls.CosineCalls`) is only known by running it.
 :func:`verify` runs the converted model once under :class:`~cosconvert.calls.DotProductCalls`
 and corrects the report: a layer call that ran as a plain dot product is listed as skipped,
 never as converted, and a call that CosineCalls ran as a cosine is listed as converted.
+
+:func:`compare_with_cosine_calls` judges the whole: the original model run with every dot-product
+call as its cosine (:func:`cosine_calls_output`) is what a faithful conversion computes before any
+gain is fitted, whatever the way each call is written. Where the two part, the report says so.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
-from cosconvert.calls import DotProductCalls
+from cosconvert.calls import CosineCalls, DotProductCalls
 from cosconvert.capture import quiet
 from cosconvert.report import ConversionReport
 
-__all__ = ["verify"]
+__all__ = ["verify", "cosine_calls_output", "compare_with_cosine_calls"]
+
+PARTS = 1e-3  # relative difference above which a converted model parts from the original run with cosines
 
 
 def verify(converted: nn.Module, report: ConversionReport, args: tuple, kwargs: dict) -> None:
@@ -80,3 +89,56 @@ class _Attributing(DotProductCalls):
         if owner is None:
             owner = self.stack[-1] if self.stack else ""
         calls.append((func, owner or "<root>"))
+
+
+def cosine_calls_output(original: nn.Module, args: tuple, kwargs: dict, centered: bool, eps: float, plain=()):
+    """``original``'s output with every dot-product call run as its cosine (gain 1), its calls on the
+    weights in ``plain`` (layers left as dot products) as they are; ``original`` is left unchanged."""
+    mha = torch.backends.mha  # the fast path runs attention in one op that no mode sees into
+    fastpath, mha._is_fastpath_enabled = mha._is_fastpath_enabled, False
+    try:
+        with quiet(original), CosineCalls(centered, eps, plain=plain):
+            return original(*args, **kwargs)
+    finally:
+        mha._is_fastpath_enabled = fastpath
+
+
+def compare_with_cosine_calls(
+    original: nn.Module, converted: nn.Module, report: ConversionReport, args: tuple, kwargs: dict,
+    centered: bool, eps: float,
+) -> None:  # fmt: skip
+    """Write to ``report.checks["cosine check"]`` how far ``converted`` (its gains at 1, norms kept) is
+    from ``original`` run with cosine calls on the example inputs, and warn where they part."""
+    names = dict(original.named_modules())
+    skipped = [names[row["name"]] for row in report.skipped if row["name"] in names]
+    if len(skipped) < len(report.skipped):
+        report.checks["cosine check"] = "not run: a skipped functional call cannot be left plain in the original"
+        return
+    plain = [p for m in skipped for p in m.parameters()]
+    try:
+        want = cosine_calls_output(original, args, kwargs, centered, eps, plain)
+        with quiet(converted):
+            got = converted(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001 - say so, do not fail the conversion
+        first = (str(err).strip().splitlines() or [""])[0]
+        report.checks["cosine check"] = f"not run: {type(err).__name__}: {first}"
+        return
+    want, got = _floats(want), _floats(got)
+    if [t.shape for t in want] != [t.shape for t in got] or not want:
+        report.checks["cosine check"] = "not run: the outputs differ in shape (a length the network computes)"
+        return
+    rel = max(float((g.double() - w.double()).abs().max() / w.double().abs().max().clamp_min(1e-30)) for w, g in zip(want, got))
+    if rel > PARTS:
+        report.checks["cosine check"] = (
+            f"PARTS: the converted model differs from the original run with cosine calls by {rel:.1e} "
+            "(relative to the output's largest value): some dot product is computed another way"
+        )
+        warnings.warn(f"cosconvert: {report.checks['cosine check']}", stacklevel=3)
+    else:
+        report.checks["cosine check"] = f"agrees with the original run with cosine calls ({rel:.1e} relative)"
+
+
+def _floats(out) -> list[torch.Tensor]:
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
