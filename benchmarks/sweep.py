@@ -1,0 +1,302 @@
+"""The zoo sweep (issue 27): one model of every timm family, every transformers model type that builds
+from a shrunk config, and every torchvision model, each converted with ``gain="none"`` and its norms
+kept (random weights, with what init leaves zero randomized as the faithful tests do), then judged
+against ``tests/faithful_reference.py``: the original in float64 with every dot
+product (products with a weight included) replaced by the cosine of what it receives.
+
+    python benchmarks/sweep.py                                  # everything (hours on 2 cores)
+    python benchmarks/sweep.py --source torchvision --limit 20  # a sample
+    python benchmarks/sweep.py --only resnet18 BertModel        # by name
+    python benchmarks/sweep.py --out docs/sweep_results.jsonl   # one JSON line per model; resumes
+
+Each model ends in one status:
+
+- ``faithful``: the converted model (float32) matches the reference within 1e-4 of the output's
+  largest value; ``partial``: the same, with layers the report lists as skipped left as dot products
+  in the reference;
+- ``precision``: it misses in float32 by more, but run in float64 matches (float32 rounding);
+- ``WRONG``: it differs from the reference: a silent wrong conversion, the worst outcome;
+- ``failed``: cosconvert raised, or the converted model does not run: the row holds the one line;
+- ``harness``: the original cannot be built or run here (a harness skip, not cosconvert's result).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import json
+import signal
+import sys
+import time
+import traceback
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from faithful_reference import reference_outputs  # noqa: E402
+from test_faithful import liven  # noqa: E402
+
+import cosconvert  # noqa: E402
+
+REL_TOL, F64_TOL = 1e-4, 1e-6
+SIZE_WORDS = ("atto", "femto", "pico", "nano", "tiny", "xxs", "xs", "mini", "small", "s", "b0", "050", "100")
+
+
+class Harness(Exception):
+    """The original cannot be built or run here: not cosconvert's result."""
+
+
+def one_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    def expire(*_):
+        raise TimeoutError(f"over {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+# -- the cases: name -> builder of (model, args, kwargs) ---------------------------------------------
+def timm_cases() -> dict:
+    """The smallest-named model of each timm module (family)."""
+    import timm
+
+    def size_rank(name: str) -> tuple:
+        parts = name.replace("-", "_").split("_")
+        return (min((SIZE_WORDS.index(p) for p in parts if p in SIZE_WORDS), default=len(SIZE_WORDS)), len(name))
+
+    cases = {}
+    for module in timm.list_modules():
+        names = sorted(timm.list_models(module=module), key=size_rank)
+        if names:
+            cases[names[0]] = lambda name=names[0]: _timm(name)
+    return cases
+
+
+def _timm(name: str):
+    import timm
+
+    model = timm.create_model(name, pretrained=False, num_classes=10)
+    c, h, w = model.pretrained_cfg.get("input_size", (3, 224, 224))
+    return model, (torch.randn(2, c, h, w),), {}
+
+
+SHRINK = {
+    "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "intermediate_size": 64, "d_model": 32, "encoder_layers": 2, "decoder_layers": 2, "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64, "num_layers": 2, "n_layer": 2,
+    "n_head": 4, "n_embd": 32, "d_ff": 64, "ffn_dim": 64, "projection_dim": 32, "head_dim": 8, "num_experts": 4,
+    "num_local_experts": 4, "moe_intermediate_size": 32, "num_experts_per_tok": 2,
+}  # fmt: skip
+
+
+def _shrunk(config_class):
+    """A config built from shrunk keyword arguments (so derived fields follow), sub-configs too."""
+    default = config_class()
+    fields = default.to_dict()
+    kwargs = {k: v for k, v in SHRINK.items() if k in fields and isinstance(fields[k], int)}
+    for key, sub in getattr(config_class, "sub_configs", {}).items():
+        if isinstance(getattr(default, key, None), type(default).__mro__[-2]) and hasattr(sub, "to_dict"):
+            sub_fields = sub().to_dict()
+            kwargs[key] = {k: v for k, v in SHRINK.items() if k in sub_fields and isinstance(sub_fields[k], int)}
+    return config_class(**kwargs)
+
+
+def transformers_cases() -> dict:
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    cases = {}
+    for model_type, class_name in MODEL_MAPPING_NAMES.items():
+        class_name = class_name[0] if isinstance(class_name, (tuple, list)) else class_name
+        config_name = CONFIG_MAPPING_NAMES.get(model_type)
+        if config_name and hasattr(transformers, class_name) and hasattr(transformers, config_name):
+            cases[class_name] = lambda c=class_name, k=config_name: _transformers(c, k)
+    return cases
+
+
+def _transformers(class_name: str, config_name: str):
+    import transformers
+
+    config = _shrunk(getattr(transformers, config_name))
+    model = getattr(transformers, class_name)(config)
+    params = inspect.signature(model.forward).parameters
+    sub = lambda key, default: getattr(config, key, None) or getattr(getattr(config, "vision_config", None), key, None) or default  # noqa: E731
+    kwargs = {}
+    if "input_ids" in params:
+        vocab = getattr(config, "vocab_size", None) or getattr(getattr(config, "text_config", None), "vocab_size", 100)
+        kwargs["input_ids"] = torch.randint(0, min(vocab, 1000), (2, 8))
+        if "decoder_input_ids" in params and getattr(config, "is_encoder_decoder", False):
+            kwargs["decoder_input_ids"] = kwargs["input_ids"]
+    if "pixel_values" in params:
+        size = sub("image_size", 224)
+        size = size if isinstance(size, int) else size[0]
+        kwargs["pixel_values"] = torch.randn(2, sub("num_channels", 3), size, size)
+    if "input_values" in params and not kwargs:
+        kwargs["input_values"] = torch.randn(2, 4000)
+    if "input_features" in params and not kwargs:
+        frames = 2 * getattr(config, "max_source_positions", 50)
+        kwargs["input_features"] = torch.randn(2, getattr(config, "num_mel_bins", 80), frames)
+    if not kwargs:
+        raise Harness(f"no input this harness knows for {class_name}.forward")
+    return model, (), kwargs
+
+
+def torchvision_cases() -> dict:
+    import torchvision
+    import torchvision.models as tm
+
+    kinds = {
+        tm.detection: "detection", tm.segmentation: "segmentation", tm.video: "video",
+        tm.optical_flow: "optical_flow", tm.quantization: "quantized",
+    }  # fmt: skip
+    cases = {}
+    for module, kind in kinds.items():
+        for name in torchvision.models.list_models(module=module):
+            cases[f"{kind}/{name}"] = lambda n=name, k=kind: _torchvision(n, k)
+    for name in torchvision.models.list_models(module=tm):
+        if f"quantized/{name}" not in cases:
+            cases[name] = lambda n=name: _torchvision(n, "classification")
+    return cases
+
+
+def _torchvision(name: str, kind: str):
+    import torchvision
+
+    extra = {"quantize": False} if kind == "quantized" else {}
+    model = torchvision.models.get_model(name, weights=None, weights_backbone=None, **extra) if kind in (
+        "detection", "segmentation") else torchvision.models.get_model(name, weights=None, **extra)  # fmt: skip
+    if kind == "detection":  # the backbone and its feature pyramid: the heads' outputs are data-dependent lists
+        return model.backbone, (torch.randn(1, 3, 128, 128),), {}
+    if kind == "segmentation":
+        return model, (torch.randn(2, 3, 64, 64),), {}
+    if kind == "video":
+        frames, size = (16, 224) if name.startswith(("mvit", "s3d")) else (4, 64)
+        return model, (torch.randn(1, 3, frames, size, size),), {}
+    if kind == "optical_flow":
+        return model, (torch.randn(1, 3, 128, 128), torch.randn(1, 3, 128, 128)), {"num_flow_updates": 2}
+    size = 299 if name == "inception_v3" else 224
+    return model, (torch.randn(2, 3, size, size),), {}
+
+
+SOURCES = {"timm": timm_cases, "transformers": transformers_cases, "torchvision": torchvision_cases}
+
+
+# -- judging one model ---------------------------------------------------------------------------------
+def _leaves(out) -> list[torch.Tensor]:
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _leaves(o)]
+    return [out] if isinstance(out, torch.Tensor) and out.is_floating_point() else []
+
+
+def _rel(out, ref) -> float:
+    outs, refs = _leaves(out), _leaves(ref)
+    if [t.shape for t in outs] != [t.shape for t in refs] or not refs:
+        return float("inf")
+    return max(float((o.double() - r).abs().max() / r.abs().max().clamp_min(1e-30)) for o, r in zip(outs, refs))
+
+
+def judge(build, max_params: int) -> dict:
+    """One model's row: status, relative error, layer counts, checks and, for a failure, its one line."""
+    row: dict = {}
+    try:
+        model, args, kwargs = build()
+        model = liven(model).eval()  # zero-initialized heads and layer scales would hide layers from the judge
+        row["params"] = sum(p.numel() for p in model.parameters())
+        if row["params"] > max_params:
+            raise Harness(f"{row['params'] / 1e6:.0f}M parameters: over this sweep's limit")
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001 - the original itself does not build or run here
+        return {**row, "status": "harness", "error": one_line(err)}
+    try:
+        converted = cosconvert.convert(model, gain="none").eval()
+        report = converted.cosine_report
+        with torch.no_grad():
+            out = converted(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001 - cosconvert's failure: its one line
+        frame = traceback.extract_tb(err.__traceback__)[-1]
+        return {**row, "status": "failed", "error": one_line(err), "at": f"{Path(frame.filename).name}:{frame.lineno}"}
+    names = {n for n, _ in model.named_modules()}
+    skipped = [r["name"] for r in report.skipped if r["name"] in names]
+    row.update(converted=len(report.converted), skipped=len(report.skipped), fallbacks=len(report.fallbacks),
+               cosine_check=report.checks.get("cosine check", ""))  # fmt: skip
+    try:
+        ref, mode = reference_outputs(model, *args, skip=skipped, **kwargs)
+    except Exception as err:  # noqa: BLE001 - the judge cannot run the original in float64
+        return {**row, "status": "harness", "error": f"reference: {one_line(err)}"}
+    row["rel"] = _rel(out, ref)
+    row["reference_calls"] = sum(mode.calls.values())
+    row["unjudged_products"] = mode.weight_products[:3]
+    if row["rel"] <= REL_TOL:
+        row["status"] = "partial" if report.skipped else "faithful"
+        return row
+    with torch.no_grad():
+        row["rel_float64"] = _rel(converted.double()(*_double(args), **_double(kwargs)), ref)
+    row["status"] = "precision" if row["rel_float64"] <= F64_TOL else "WRONG"
+    return row
+
+
+def _double(tree):
+    return torch.utils._pytree.tree_map(lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, tree)  # noqa: E501
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--source", default="timm,transformers,torchvision")
+    parser.add_argument("--only", nargs="*", help="model names (as in the table)")
+    parser.add_argument("--limit", type=int, help="the first N models of each source")
+    parser.add_argument("--timeout", type=int, default=300, help="seconds per model")
+    parser.add_argument("--max-params", type=float, default=150e6)
+    parser.add_argument("--out", help="append one JSON line per model here; models already in it are skipped")
+    args = parser.parse_args(argv)
+    done = set()
+    if args.out and Path(args.out).exists():
+        done = {json.loads(line)["model"] for line in Path(args.out).read_text().splitlines() if line.strip()}
+    rows = []
+    for source in args.source.split(","):
+        cases = SOURCES[source]()
+        names = [n for n in cases if not args.only or n in args.only][: args.limit]
+        for name in names:
+            if name in done:
+                continue
+            torch.manual_seed(0)
+            start = time.time()
+            try:
+                with deadline(args.timeout):
+                    row = judge(cases[name], int(args.max_params))
+            except TimeoutError as err:
+                row = {"status": "harness", "error": f"timeout: {err}"}
+            row = {"source": source, "model": name, **row, "seconds": round(time.time() - start, 1)}
+            rows.append(row)
+            print(f"{source:12} {name:48} {row['status']:9} {row.get('rel', ''):<10.3g} {row.get('error', '')[:90]}"
+                  if isinstance(row.get("rel"), float) else
+                  f"{source:12} {name:48} {row['status']:9} {'':10} {row.get('error', '')[:90]}", flush=True)  # fmt: skip
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+    counts = Counter((r["source"], r["status"]) for r in rows)
+    for source in sorted({s for s, _ in counts}):
+        print(source + ": " + ", ".join(f"{status} {n}" for (s, status), n in sorted(counts.items()) if s == source))
+    return 1 if any(r["status"] == "WRONG" for r in rows) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,30 @@
+"""A sample of the zoo sweep (``benchmarks/sweep.py``, issue 27): one model per source and per kind
+of dot product the long tail writes, each judged against the float64 oracle. The full sweep's
+results are in docs/sweep.md."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import sweep  # noqa: E402
+
+SAMPLE = {
+    "timm": ["resnet18", "vit_tiny_patch16_224"],
+    "transformers": ["WavLMModel", "FalconModel", "MixtralModel", "SwinModel"],
+    "torchvision": ["detection/fasterrcnn_mobilenet_v3_large_320_fpn", "segmentation/lraspp_mobilenet_v3_large"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("source", "name"), [(s, n) for s, names in SAMPLE.items() for n in names])
+def test_sweep_sample(source, name):
+    cases = {"timm": lambda: {n: (lambda n=n: sweep._timm(n)) for n in SAMPLE["timm"]}}.get(
+        source, sweep.SOURCES[source]
+    )()
+    row = sweep.judge(cases[name], max_params=int(150e6))
+    assert row["status"] in ("faithful", "partial"), row
+    assert row["reference_calls"] > 0
