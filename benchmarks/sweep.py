@@ -34,7 +34,6 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from faithful_reference import reference_outputs  # noqa: E402
