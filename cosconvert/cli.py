@@ -662,7 +662,8 @@ def _add_export(p: argparse.ArgumentParser) -> None:
 def _add_validation(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("validation")
     g.add_argument("--providers", default="auto",
-                   help="onnxruntime provider to check on; auto: the GPU ones that load, then CPU")  # fmt: skip
+                   help="onnxruntime providers to check on, comma-separated; each must run the file, "
+                        "else validation fails; auto: the GPU ones that load, then CPU")  # fmt: skip
 
 
 def _add_output(p: argparse.ArgumentParser, out_default: str) -> None:

@@ -365,3 +365,24 @@ def test_a_folder_of_unlabeled_images_reconstructs_and_reports_every_stage(files
     assert cosines[2] > cosines[0]
     assert summary["conversion"]["calibration"]["status"] in ("improved", "unchanged", "reverted")
     assert summary["conversion"]["reconstruction"]["blocks"]
+
+
+@pytest.mark.parametrize("provider", ["CUDAExecutionProvider", "TensorRT"])
+def test_validate_fails_on_a_provider_that_ran_nothing(tmp_path, provider):
+    """A provider asked for that cannot load here (CUDA without a GPU) or that onnxruntime does not know
+    (a typo) ran none of the file: validation fails and says why, never "pass"."""
+    from cosconvert.onnx.validate import _provider_loads
+
+    if provider == "CUDAExecutionProvider" and _provider_loads(provider):
+        pytest.skip("CUDA loads on this machine")
+    _user_net(tmp_path, width=6)
+    common = ["net.safetensors", "--arch", "net.py:Net", "--arch-kwargs", '{"width": 6}', "--input-shape", "1,1,8,8",
+              "--out-dir", "out", "--quiet"]  # fmt: skip
+    for command in ("convert", "export"):
+        assert cosconvert(command, *common, cwd=tmp_path).returncode == 0
+    proc = cosconvert("validate", "out/model.onnx", "--providers", provider, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "not loaded" in proc.stdout + proc.stderr and "validation: pass" not in proc.stdout
+    summary = json.loads((tmp_path / "out" / "report.json").read_text())
+    row = summary["validation"]["results"][0]
+    assert not summary["validation"]["passed"] and row["not_run"].startswith("not loaded"), row

@@ -224,6 +224,6 @@ def test_each_provider_row_says_where_its_nodes_ran(tmp_path):
     options.enable_profiling, options.profile_file_prefix = True, str(tmp_path / "profile")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     session.run(None, {session.get_inputs()[0].name: x.numpy()})
-    as_if_cuda = _placement(session.end_profiling(), "CUDAExecutionProvider")
+    as_if_cuda, _ = _placement(session.end_profiling(), "CUDAExecutionProvider")
     ops = {n.op_type for n in optimized}
     assert as_if_cuda.startswith(f"0/{len(optimized)} (CPU ") and all(f"CPU {op} " in as_if_cuda for op in ops)

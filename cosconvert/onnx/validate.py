@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -69,6 +70,7 @@ class ProviderResult:
     passed: bool
     first_divergence: str | None = None
     nodes_on_provider: str | None = None  # "707/780 (CPU Concat 20, ...)": nodes run there / all run
+    not_run: str | None = None  # why the provider ran none of the file: unknown, not loaded, or no node on it
 
 
 @dataclass
@@ -101,7 +103,10 @@ class ValidationReport:
         return self.status == "pass"
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "status": self.status, "passed": self.passed}
+        d = asdict(self)
+        for row in d["results"]:  # a provider that ran nothing has no figures: null, not NaN
+            row.update({k: None for k, v in row.items() if isinstance(v, float) and math.isnan(v)})
+        return {**d, "status": self.status, "passed": self.passed}
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -131,6 +136,9 @@ class ValidationReport:
         lines += [head, "-" * len(head)]
         for r in self.results:
             top1 = "-" if r.top1_agreement is None else f"{r.top1_agreement:.1f}"
+            if r.not_run:
+                lines.append(f"{r.provider:28} {'-':>10} {'-':>10} {'-':>9} {'-':>8} {'-':>8}  {'-':>11}  FAIL: {r.not_run}")
+                continue
             verdict = "pass" if r.passed else f"FAIL (first divergence: {r.first_divergence})"
             lines.append(
                 f"{r.provider:28} {r.max_abs_error:10.2e} {r.max_rel_error:10.2e} {r.cosine:9.6f} {top1:>8} "
@@ -166,9 +174,10 @@ def _provider_loads(provider: str) -> bool:
 
 
 def available_providers(requested: str | list[str] = "auto") -> list[str]:
-    """``"auto"``: the GPU providers that load here, then CPU. A list is taken as given."""
+    """``"auto"``: the GPU providers that load here, then CPU. A list (or comma-separated names) is
+    taken as given: each is validated, and one that ran nothing fails."""
     if requested != "auto":
-        return [requested] if isinstance(requested, str) else list(requested)
+        return [p.strip() for p in requested.split(",")] if isinstance(requested, str) else list(requested)
     listed = ort.get_available_providers()
     return [p for p in GPU_PROVIDERS if p in listed and _provider_loads(p)] + ["CPUExecutionProvider"]
 
@@ -399,26 +408,43 @@ def _row_cosines(a: np.ndarray, b: np.ndarray) -> list[float]:
     return ((a * b).sum(1) / norms).tolist()
 
 
-def _placement(profile: str, provider: str) -> str:
-    """From an onnxruntime profile: "on/all" nodes run on ``provider``, with the others by op type."""
+def _placement(profile: str, provider: str) -> tuple[str, int]:
+    """From an onnxruntime profile: "on/all" nodes run on ``provider``, with the others by op type,
+    and the count run on it."""
     events = json.loads(Path(profile).read_text())
     ran = {e["name"]: e["args"] for e in events if e.get("cat") == "Node" and "provider" in e.get("args", {})}
     here = provider.removesuffix("ExecutionProvider")
     by_place = Counter((a["provider"].removesuffix("ExecutionProvider"), a["op_name"]) for a in ran.values())
     on = sum(n for (where, _), n in by_place.items() if where == here)
     others = ", ".join(f"{where} {op} {n}" for (where, op), n in by_place.most_common() if where != here)
-    return f"{on}/{len(ran)}" + (f" ({others})" if others else "")
+    return f"{on}/{len(ran)}" + (f" ({others})" if others else ""), on
+
+
+def _not_run(provider: str, reason: str) -> ProviderResult:
+    """A provider asked for that ran nothing: a failure, never a pass."""
+    nan = float("nan")
+    return ProviderResult(provider, nan, nan, nan, None, nan, False, None, None, not_run=reason)
 
 
 def _run_provider(path, provider, batches, expected, tol, repeat) -> ProviderResult:
+    if provider not in ort.get_all_providers():
+        return _not_run(provider, f"not loaded: onnxruntime knows no provider of this name (known: "
+                                  f"{', '.join(p.removesuffix('ExecutionProvider') for p in ort.get_available_providers())})")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         options = ort.SessionOptions()
         options.enable_profiling = True  # the first run only: where each node ran
         options.profile_file_prefix = str(Path(tmp) / "profile")
-        session = _session(path, provider, options)
+        try:
+            session = _session(path, provider, options)
+        except Exception as err:  # noqa: BLE001 - a provider that cannot start ran nothing
+            return _not_run(provider, f"not loaded: {(str(err).strip().splitlines() or [''])[0][:200]}")
+        if provider not in session.get_providers():
+            return _not_run(provider, "not loaded: onnxruntime fell back to the CPU (this build or machine lacks it)")
         names = [i.name for i in session.get_inputs()]
         first = session.run(None, dict(zip(names, batches[0])))
-        placement = _placement(session.end_profiling(), provider)
+        placement, on = _placement(session.end_profiling(), provider)
+    if on == 0:
+        return _not_run(provider, f"ran none of the file's nodes ({placement})")
     max_abs = max_rel = 0.0
     cos_all, agree, count, times = [], 0, 0, []
     top1, passed = None, True
