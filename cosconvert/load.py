@@ -54,11 +54,12 @@ def _from_registry(registry: str, name: str, kwargs: dict) -> nn.Module:
         raise LoadError(f"--arch transformers:{name}: not a transformers model class (e.g. ViTForImageClassification)")
     kwargs = dict(kwargs)
     config_file = kwargs.pop("config", None)  # a config.json (or its folder) to start from
-    config = config_class.from_pretrained(config_file, local_files_only=True) if config_file else config_class()
-    for key, value in kwargs.items():
-        if not hasattr(config, key):
+    default = config_class.from_pretrained(config_file, local_files_only=True) if config_file else config_class()
+    for key in kwargs:
+        if not hasattr(default, key):
             raise LoadError(f"--arch-kwargs: {config_class.__name__} has no field {key!r}")
-        setattr(config, key, value)
+    # built from the keywords, not set on a built config: fields its constructor derives must follow
+    config = config_class(**{**default.to_dict(), **kwargs}) if config_file else config_class(**kwargs)
     return cls(config)
 
 

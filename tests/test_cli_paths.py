@@ -214,6 +214,16 @@ def test_arch_registry_names():
         build_arch("transformers:ViTForImageClassification", {"no_such_field": 1})
 
 
+def test_transformers_config_is_built_from_the_kwargs():
+    """Fields a config derives in its constructor follow the kwargs: Wav2Vec2's number of feature
+    layers comes from the length of ``conv_dim``."""
+    small = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
+    model = build_arch("transformers:Wav2Vec2Model",
+                       {**small, "conv_dim": [8, 8, 8], "conv_stride": [5, 2, 2], "conv_kernel": [10, 3, 3]})  # fmt: skip
+    assert model.config.num_feat_extract_layers == 3 and len(model.feature_extractor.conv_layers) == 3
+    assert model(torch.randn(1, 400)).last_hidden_state.shape[-1] == 32
+
+
 @pytest.mark.slow
 def test_timm_convnext_state_dict_end_to_end(tmp_path):
     """A timm ConvNeXt state_dict, --arch timm:convnext_atto, the default (guessed) input: converted, exported
