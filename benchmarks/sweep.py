@@ -106,10 +106,11 @@ def _shrunk(config_class):
     default = config_class()
     fields = default.to_dict()
     kwargs = {k: v for k, v in SHRINK.items() if k in fields and isinstance(fields[k], int)}
-    for key, sub in getattr(config_class, "sub_configs", {}).items():
-        if isinstance(getattr(default, key, None), type(default).__mro__[-2]) and hasattr(sub, "to_dict"):
-            sub_fields = sub().to_dict()
-            kwargs[key] = {k: v for k, v in SHRINK.items() if k in sub_fields and isinstance(sub_fields[k], int)}
+    for key in getattr(config_class, "sub_configs", {}):
+        sub = getattr(default, key, None)
+        if hasattr(sub, "to_dict"):  # a sub-config (text_config, vision_config): its defaults, shrunk
+            sub_fields = sub.to_dict()
+            kwargs[key] = {**sub_fields, **{k: v for k, v in SHRINK.items() if isinstance(sub_fields.get(k), int)}}
     return config_class(**kwargs)
 
 
