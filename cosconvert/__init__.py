@@ -6,6 +6,7 @@ from cosconvert.convert import convert, inspect, report_of
 from cosconvert.finetune import finetune  # the function: cosconvert.finetune(model, data, teacher=...)
 from cosconvert.freeze import freeze
 from cosconvert.onnx import export_onnx, validate
+from cosconvert.pipeline import RunReport, RunSettings, run
 from cosconvert.recipe import restore, save
 from cosconvert.reconstruct import reconstruct  # the function: cosconvert.reconstruct(converted, original, data)
 from cosconvert.report import ConversionReport
@@ -26,5 +27,8 @@ __all__ = [
     "save",
     "restore",
     "ConversionReport",
+    "run",
+    "RunSettings",
+    "RunReport",
     "__version__",
 ]

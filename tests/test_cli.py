@@ -43,7 +43,7 @@ def test_demo_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((out / "report.json").read_text())
     assert summary["validation"]["passed"]
-    assert summary["accuracy"]["distilled"] >= summary["accuracy"]["original"] - 2.0
+    assert summary["accuracy_after"]["accuracy"] >= summary["accuracy_original"]["accuracy"] - 2.0
     assert (out / "model.onnx").exists() and (out / "converted.pt").exists()
 
 
