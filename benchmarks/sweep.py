@@ -8,6 +8,7 @@ product (products with a weight included) replaced by the cosine of what it rece
     python benchmarks/sweep.py --source torchvision --limit 20  # a sample
     python benchmarks/sweep.py --only resnet18 BertModel        # by name
     python benchmarks/sweep.py --out docs/sweep_results.jsonl   # one JSON line per model; resumes
+    until python benchmarks/sweep.py --out r.jsonl; [ $? -le 1 ]; do :; done  # rerun past a killed process
 
 Each model ends in one status:
 
@@ -102,16 +103,20 @@ SHRINK = {
 
 
 def _shrunk(config_class):
-    """A config built from shrunk keyword arguments (so derived fields follow), sub-configs too."""
-    default = config_class()
-    fields = default.to_dict()
-    kwargs = {k: v for k, v in SHRINK.items() if k in fields and isinstance(fields[k], int)}
-    for key in getattr(config_class, "sub_configs", {}):
-        sub = getattr(default, key, None)
-        if hasattr(sub, "to_dict"):  # a sub-config (text_config, vision_config): its defaults, shrunk
-            sub_fields = sub.to_dict()
-            kwargs[key] = {**sub_fields, **{k: v for k, v in SHRINK.items() if isinstance(sub_fields.get(k), int)}}
-    return config_class(**kwargs)
+    """A config built from shrunk keyword arguments (so derived fields follow), its sub-configs too."""
+    return config_class(**_shrunk_fields(config_class()))
+
+
+def _shrunk_fields(config) -> dict:
+    """The keyword arguments of a shrunk ``config``: its sizes cut down, its sub-configs (vision_config,
+    text_config, and theirs) as dicts of their own fields, shrunk the same way."""
+    fields = config.to_dict()
+    kwargs = {k: v for k, v in SHRINK.items() if isinstance(fields.get(k), int)}
+    for key in getattr(type(config), "sub_configs", {}):
+        sub = getattr(config, key, None)
+        if hasattr(sub, "to_dict"):
+            kwargs[key] = {**sub.to_dict(), **_shrunk_fields(sub)}
+    return kwargs
 
 
 def transformers_cases() -> dict:
@@ -131,8 +136,13 @@ def transformers_cases() -> dict:
 def _transformers(class_name: str, config_name: str):
     import transformers
 
-    config = _shrunk(getattr(transformers, config_name))
-    model = getattr(transformers, class_name)(config)
+    config_class, model_class = getattr(transformers, config_name), getattr(transformers, class_name)
+    try:
+        config = _shrunk(config_class)
+        model = model_class(config)
+    except Exception:  # noqa: BLE001 - a config that does not take these sizes: its defaults
+        config = config_class()
+        model = model_class(config)
     params = inspect.signature(model.forward).parameters
     sub = lambda key, default: getattr(config, key, None) or getattr(getattr(config, "vision_config", None), key, None) or default  # noqa: E731
     kwargs = {}
@@ -216,6 +226,13 @@ def _rel(out, ref) -> float:
 def judge(build, max_params: int) -> dict:
     """One model's row: status, relative error, layer counts, checks and, for a failure, its one line."""
     row: dict = {}
+    try:  # counted on the meta device first: a default config can be far too big to build here
+        with torch.device("meta"):
+            params = sum(p.numel() for p in build()[0].parameters())
+    except Exception as err:  # noqa: BLE001 - not sized, so not built: it could exhaust the memory
+        return {"status": "harness", "error": f"not built: it cannot be sized on the meta device ({one_line(err)})"}
+    if params > max_params:
+        return {"params": params, "status": "harness", "error": f"{params / 1e6:.0f}M parameters: over this sweep's limit"}
     try:
         model, args, kwargs = build()
         model = liven(model).eval()  # zero-initialized heads and layer scales would hide layers from the judge
@@ -242,6 +259,8 @@ def judge(build, max_params: int) -> dict:
         ref, mode = reference_outputs(model, *args, skip=skipped, **kwargs)
     except Exception as err:  # noqa: BLE001 - the judge cannot run the original in float64
         return {**row, "status": "harness", "error": f"reference: {one_line(err)}"}
+    if not all(torch.isfinite(t).all() for t in _leaves(ref)):
+        return {**row, "status": "harness", "error": "reference: the original run in float64 gives NaN or inf"}
     row["rel"] = _rel(out, ref)
     row["reference_calls"] = sum(mode.calls.values())
     row["unjudged_products"] = mode.weight_products[:3]
@@ -258,6 +277,22 @@ def _double(tree):
     return torch.utils._pytree.tree_map(lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, tree)  # noqa: E501
 
 
+def markdown(rows: list[dict]) -> str:
+    """The results as docs/sweep.md's tables: counts by source and status, then every row that is not faithful."""
+    statuses = ["faithful", "partial", "precision", "WRONG", "failed", "harness"]
+    counts = Counter((r["source"], r["status"]) for r in rows)
+    lines = ["| source | models | " + " | ".join(statuses) + " |", "|---|---|" + "---|" * len(statuses)]
+    for source in sorted({r["source"] for r in rows}):
+        total = sum(n for (s, _), n in counts.items() if s == source)
+        lines.append(f"| {source} | {total} | " + " | ".join(str(counts[(source, st)]) for st in statuses) + " |")
+    lines += ["", "| source | model | status | relative error (float32, float64) | reason |", "|---|---|---|---|---|"]
+    for r in rows:
+        if r["status"] in ("precision", "WRONG", "failed"):
+            rel = f"{r.get('rel', float('nan')):.1e}, {r.get('rel_float64', float('nan')):.1e}" if "rel" in r else ""
+            lines.append(f"| {r['source']} | {r['model']} | {r['status']} | {rel} | {r.get('error', '')} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", default="timm,transformers,torchvision")
@@ -266,7 +301,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=int, default=300, help="seconds per model")
     parser.add_argument("--max-params", type=float, default=150e6)
     parser.add_argument("--out", help="append one JSON line per model here; models already in it are skipped")
+    parser.add_argument("--markdown", help="print the tables of this results file (JSON lines) and exit")
     args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown([json.loads(line) for line in Path(args.markdown).read_text().splitlines() if line.strip()]))
+        return 0
     done = set()
     if args.out and Path(args.out).exists():
         done = {json.loads(line)["model"] for line in Path(args.out).read_text().splitlines() if line.strip()}
@@ -277,6 +316,14 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             if name in done:
                 continue
+            if args.out:  # a model that kills the process (out of memory) is recorded as such on the rerun
+                started = Path(args.out + ".started")
+                if started.exists() and started.read_text() == name:
+                    row = {"source": source, "model": name, "status": "harness", "error": "killed the sweep's process (out of memory?)"}  # noqa: E501
+                    with open(args.out, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    continue
+                started.write_text(name)
             torch.manual_seed(0)
             start = time.time()
             try:

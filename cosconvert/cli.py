@@ -55,18 +55,6 @@ def _load(model: str, arch: str | None, arch_kwargs: str | None, trust_pickle: b
         raise CliError(str(err)) from err
 
 
-def _parse_shape(text: str | None) -> tuple[int, ...] | None:
-    if not text:
-        return None
-    try:
-        shape = tuple(int(s) for s in text.split(","))
-    except ValueError as err:
-        raise CliError(f"--input-shape {text!r} is not a comma-separated list of integers") from err
-    if not shape or min(shape) < 1:
-        raise CliError(f"--input-shape {text!r} must have positive sizes, e.g. 2,3,224,224")
-    return shape
-
-
 def _image_norm(text: str | None) -> tuple | None:
     """--image-norm "MEAN,STD" (or three means, then three deviations) as Normalize's (mean, std)."""
     if not text:
@@ -117,7 +105,7 @@ def _pipeline(args, steps: tuple[str, ...]) -> Pipeline:
     model = Path(args.model)
     out = Path(args.out_dir) if args.out_dir else model.with_name(f"{model.stem}-cosine")
     return Pipeline(original, _settings(args), out, data=getattr(args, "data", None) or None,
-                    input_shape=_parse_shape(args.input_shape), example=example, steps=steps,
+                    inputs=args.input_shape or None, example=example, steps=steps,
                     metadata=_source_metadata(args), source=str(args.model))  # fmt: skip
 
 
@@ -201,8 +189,8 @@ def cmd_validate(args) -> int:
     args.model = model
     args.arch = args.arch or meta.get("arch") or None
     args.arch_kwargs = args.arch_kwargs or meta.get("arch_kwargs") or None
-    if not args.input_shape and meta.get("input_shape"):
-        args.input_shape = ",".join(map(str, json.loads(meta["input_shape"])))
+    if not args.input_shape and (meta.get("input_spec") or meta.get("input_shape")):
+        args.input_shape = meta.get("input_spec") or ",".join(map(str, json.loads(meta["input_shape"])))
     args.out_dir = args.out_dir or str(path.parent)
     reference = Path(args.reference) if args.reference else path.with_name("converted.pt")
     if not reference.is_file():
@@ -213,12 +201,11 @@ def cmd_validate(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    import torch
-
     import cosconvert
+    from cosconvert.inputs import InputSpec
 
     original, example = _load(args.model, args.arch, args.arch_kwargs, args.trust_pickle)
-    inputs = (torch.randn(_parse_shape(args.input_shape)),) if args.input_shape else example or None
+    inputs = (InputSpec.parse(args.input_shape, original).random(),) if args.input_shape else example or None
     report = cosconvert.inspect(original, centered=args.centered, include=args.include, exclude=args.exclude,
                                 strip_norms=False if args.strip_norms == "off" else args.strip_norms, gain=args.gain,
                                 example_inputs=inputs)  # fmt: skip
@@ -291,8 +278,9 @@ def _add_conversion(p: argparse.ArgumentParser, reconstruct: bool = False) -> No
 
 def _add_inputs(p: argparse.ArgumentParser, data: bool = True) -> None:
     g = p.add_argument_group("inputs")
-    g.add_argument("--input-shape", help="example input shape, batch first (default: the .pt2's example, else "
-                   "from --data, else guessed from the first layer, with a batch of 2)")  # fmt: skip
+    g.add_argument("--input-shape", help="example input shape, batch first, and its dtype for token ids: 2,3,224,224 "
+                   "or 2,16:int64 (ids drawn inside the model's vocabulary); if not given: the .pt2's example, else "
+                   "from --data, else guessed from the first layer (an embedding: 2,16:int64), with a batch of 2")  # fmt: skip
     if data:
         g.add_argument("--data", help="data to calibrate, fine-tune and measure on: digits, a .npz with x (and y), "
                        "an image folder (class subfolders, or unlabeled images), or module:callable")  # fmt: skip

@@ -39,7 +39,8 @@ def _npz(path: Path) -> TensorDataset:
             raise DataError(
                 f"{path} has no array named 'x' (found {list(f.keys())}); save inputs as x= and labels as y="
             )
-        tensors = [torch.as_tensor(f["x"]).float()]
+        x = torch.as_tensor(f["x"])  # integer x (token ids) stays integer; any float becomes float32
+        tensors = [x.long() if not x.is_floating_point() else x.float()]
         if "y" in f:
             tensors.append(torch.as_tensor(f["y"]).long())
     return TensorDataset(*tensors)

@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 from tqdm.auto import tqdm
 
+from cosconvert.agreement import first_output
 from cosconvert.amp import mixed_precision
 from cosconvert.atomic import atomic_write, remove_partial
 from cosconvert.data import batch_inputs
@@ -73,13 +74,13 @@ def evaluate(model: nn.Module, data, teacher: nn.Module | None = None) -> dict:
     for batch in data:
         batch = _to(batch, device)
         inputs, y = batch_inputs(batch), _labels(batch)
-        pred = model(*inputs).argmax(1)
+        pred = first_output(model(*inputs)).argmax(1)
         count += pred.shape[0]
         if y is not None:
             correct += (pred == y).sum().item()
             labelled += y.shape[0]
         if teacher is not None:
-            agree += (pred == teacher.eval()(*inputs).argmax(1)).sum().item()
+            agree += (pred == first_output(teacher.eval()(*inputs)).argmax(1)).sum().item()
     model.train(was_training)
     out = {}
     if labelled:
@@ -250,11 +251,11 @@ def finetune(
             batch = _to(batch, device)
             inputs, y = batch_inputs(batch), _labels(batch)
             with autocast:
-                out = net(*inputs)
+                out = first_output(net(*inputs))  # a transformers output: its logits
                 loss = torch.zeros((), device=device)
                 if teacher is not None:
                     with torch.no_grad():
-                        target = teacher.eval()(*inputs)
+                        target = first_output(teacher.eval()(*inputs))
                     loss = loss + distillation_loss(out.float(), target.float(), temperature)
                 if y is not None:
                     loss = loss + loss_fn(out.float(), y)

@@ -20,9 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["LoadError", "load_model", "build_arch", "infer_input_shape", "EXAMPLE_BATCH"]
-
-EXAMPLE_BATCH = 2
+__all__ = ["LoadError", "load_model", "build_arch"]
 
 
 class LoadError(ValueError):
@@ -216,18 +214,3 @@ def parse_kwargs(text: str | None) -> dict:
     if not isinstance(value, dict):
         raise LoadError("--arch-kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'")
     return value
-
-
-def infer_input_shape(model: nn.Module) -> tuple[int, ...]:
-    """A plausible input shape from the first linear or conv layer: images 224x224, signals 128,
-    a batch of ``EXAMPLE_BATCH`` (a batch of 1 lets tracers fix the batch size)."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            return (EXAMPLE_BATCH, m.in_channels, 224, 224)
-        if isinstance(m, nn.Conv1d):
-            return (EXAMPLE_BATCH, m.in_channels, 128)
-        if isinstance(m, nn.Conv3d):
-            return (EXAMPLE_BATCH, m.in_channels, 16, 64, 64)
-        if isinstance(m, nn.Linear):
-            return (EXAMPLE_BATCH, m.in_features)
-    raise LoadError("cannot infer the input shape: give --input-shape, e.g. 2,3,224,224")

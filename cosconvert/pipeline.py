@@ -29,12 +29,12 @@ from torch import nn
 
 from cosconvert.atomic import atomic_write
 from cosconvert.errors import INCONCLUSIVE, VALIDATION_FAILED, InputError, OutputError, first_line
+from cosconvert.inputs import InputSpec
 
 __all__ = ["RunSettings", "RunReport", "Pipeline", "run", "STEPS"]
 
 STEPS = ("convert", "finetune", "export", "validate")
 VALIDATION_BATCHES = (1, 8)  # batch sizes validation feeds (a dynamic batch is checked at two sizes)
-EXAMPLE_BATCH = 2
 
 
 @dataclass
@@ -151,20 +151,20 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters(), torch.empty(0)).device
 
 
-def _check_runs(model: nn.Module, shape: tuple) -> None:
+def _check_runs(model: nn.Module, spec: InputSpec) -> None:
     try:
         with torch.no_grad(), open(os.devnull, "w") as null, contextlib.redirect_stderr(null):  # fx prints code
-            model(torch.zeros(shape, device=_device_of(model)))
+            model(spec.zeros(_device_of(model)))
     except Exception as err:  # noqa: BLE001 - any failure means the shape does not fit the model
-        raise InputError(f"the model does not run on input shape {shape}: {first_line(err)}; fix --input-shape") from err
+        raise InputError(f"the model does not run on input {spec}: {first_line(err)}; fix --input-shape") from err
 
 
-def _batch_sizes(model: nn.Module, shape: tuple) -> tuple[int, ...]:
+def _batch_sizes(model: nn.Module, spec: InputSpec) -> tuple[int, ...]:
     """VALIDATION_BATCHES where the model runs at any batch size, else only the batch it was given."""
     try:
-        _check_runs(model, (max(VALIDATION_BATCHES), *shape[1:]))
+        _check_runs(model, spec.at_batch(max(VALIDATION_BATCHES)))
     except InputError:
-        return (shape[0],)
+        return (spec.shape[0],)
     return VALIDATION_BATCHES
 
 
@@ -174,7 +174,7 @@ class Pipeline:
 
     def __init__(
         self, original: nn.Module, settings: RunSettings, out_dir: str | Path, *, data=None,
-        input_shape: tuple | None = None, example: tuple | None = None, steps: Iterable[str] = STEPS,
+        inputs: InputSpec | tuple | str | None = None, example: tuple | None = None, steps: Iterable[str] = STEPS,
         metadata: dict | None = None, source: str = "model",
     ) -> None:  # fmt: skip
         self.settings, self.steps = settings, tuple(steps)
@@ -182,24 +182,29 @@ class Pipeline:
         self.metadata = metadata or {}
         self.previous = self._previous_report()
         self.original = self._on_device(original)
-        self.data, self.held_out, evaluated_on = self._data(data, input_shape)
+        if isinstance(inputs, str):
+            inputs = InputSpec.parse(inputs, self.original)
+        elif isinstance(inputs, tuple):
+            inputs = InputSpec(inputs)
+        self.data, self.held_out, evaluated_on = self._data(data, inputs)
         if "finetune" in self.steps and self.data is None:
             raise InputError(f"fine-tuning for {settings.epochs} epochs needs data: give --data "
                              "(digits, a .npz, an image folder or module:callable)")  # fmt: skip
         if settings.reconstruct and "convert" in self.steps and self.data is None:
             raise InputError("--reconstruct needs --data (inputs to reconstruct on; labels are not needed)")
-        self.shape = self._input_shape(input_shape, example)
-        _check_runs(self.original, self.shape)
+        self.spec = self._input_spec(inputs, example)
+        _check_runs(self.original, self.spec)
         self.say = _Steps(1 + len(self.steps), settings.verbose)
-        self.say(f"loaded {source} ({sum(p.numel() for p in self.original.parameters()):,} parameters), input {self.shape}")
-        self.batch_sizes = _batch_sizes(self.original, self.shape)
-        self.evaluated_on = evaluated_on or f"random example inputs of shape {(self.batch_sizes[-1], *self.shape[1:])}"
+        self.say(f"loaded {source} ({sum(p.numel() for p in self.original.parameters()):,} parameters), input {self.spec}")
+        self.batch_sizes = _batch_sizes(self.original, self.spec)
+        self.evaluated_on = evaluated_on or f"random example inputs {self.spec.at_batch(self.batch_sizes[-1])}"
         self.converted: nn.Module | None = None
         self.onnx_path = self.out / "model.onnx"
         self.recipe = self.out / "converted.pt"
         self.files: list[str] = []
         self.validation_text = ""
-        self.summary: dict = {"input": source, "input_shape": list(self.shape), "evaluated_on": self.evaluated_on}
+        self.summary: dict = {"input": source, "input_shape": list(self.spec.shape), "input_spec": self.spec.text(),
+                              "evaluated_on": self.evaluated_on}  # fmt: skip
 
     # -- setting up ---------------------------------------------------------------------------------
     def _previous_report(self) -> dict:
@@ -219,7 +224,7 @@ class Pipeline:
         except (RuntimeError, AssertionError) as err:
             raise InputError(f"--device {device} is not available here ({first_line(err)}); try --device cpu") from err
 
-    def _data(self, spec, input_shape):
+    def _data(self, spec, inputs: InputSpec | None):
         """(data to calibrate and fine-tune on, held-out data to measure on, what the latter is)."""
         if spec is None:
             return None, None, None
@@ -227,31 +232,28 @@ class Pipeline:
             return spec, None, None
         from cosconvert.data import DataError, held_out_split
 
-        size = self.settings.image_size or (input_shape[-1] if input_shape else 224)
+        size = self.settings.image_size or (inputs.shape[-1] if inputs is not None else 224)
         try:
             return held_out_split(str(spec), self.settings.batch_size, image_size=size,
                                   image_norm=self.settings.image_norm)  # fmt: skip
         except DataError as err:
             raise InputError(str(err)) from err
 
-    def _input_shape(self, given: tuple | None, example: tuple | None) -> tuple[int, ...]:
-        """As given; else the program's example, the data's, the shape an earlier step recorded, or a guess."""
-        from cosconvert.load import LoadError, infer_input_shape
+    def _input_spec(self, given: InputSpec | None, example: tuple | None) -> InputSpec:
+        """As given; else the program's example, the data's, what an earlier step recorded, or a guess."""
+        from cosconvert.inputs import EXAMPLE_BATCH
 
-        if given:
-            return tuple(given)
+        if given is not None:
+            return given
         if example:
-            return tuple(example[0].shape)
+            return InputSpec.like(example[0], self.original)
         if self.data is not None:
             from cosconvert.data import batch_inputs
 
-            return (EXAMPLE_BATCH, *batch_inputs(next(iter(self.data)))[0].shape[1:])
-        if self.previous.get("input_shape"):
-            return tuple(self.previous["input_shape"])
-        try:
-            return infer_input_shape(self.original)
-        except LoadError as err:
-            raise InputError(str(err)) from err
+            return InputSpec.like(batch_inputs(next(iter(self.data)))[0], self.original, batch=EXAMPLE_BATCH)
+        if self.previous.get("input_spec"):
+            return InputSpec.parse(self.previous["input_spec"], self.original)
+        return InputSpec.guess(self.original)
 
     def wrote(self, *paths: Path) -> None:
         for p in paths:
@@ -266,7 +268,7 @@ class Pipeline:
             real = batch_inputs(next(iter(self.held_out)))[0]
             return [real[:b] for b in self.batch_sizes]
         g = torch.Generator().manual_seed(0)
-        return [torch.randn(b, *self.shape[1:], generator=g) for b in self.batch_sizes]
+        return [self.spec.at_batch(b).random(g) for b in self.batch_sizes]
 
     def measure(self, stage: str) -> None:
         """Accuracy on the held-out data (where it has labels) and fidelity to the original, into the summary."""
@@ -299,8 +301,8 @@ class Pipeline:
         self.say("converting" + (" and calibrating" if self.data is not None else ""))
         device = _device_of(self.original)
         calibration = None if self.data is None else [batch_inputs(b)[0].to(device) for _, b in zip(range(8), self.data)]
-        self.converted = cosconvert.convert(self.original, **s.conversion(),
-                                            example_inputs=None if calibration is None else calibration[0])  # fmt: skip
+        example = self.spec.random(torch.Generator().manual_seed(0), device) if calibration is None else calibration[0]
+        self.converted = cosconvert.convert(self.original, **s.conversion(), example_inputs=example)
         self.say.note(self.converted.cosine_report.summary())
         stage = "converted"
         self.measure(stage)
@@ -361,8 +363,8 @@ class Pipeline:
 
         s = self.settings
         self.say("exporting to ONNX" + (" (fp16)" if s.fp16 else ""))
-        example = torch.randn(self.shape, generator=torch.Generator().manual_seed(0)).to(_device_of(self.converted))
-        metadata = {**self.metadata, "input_shape": json.dumps(list(self.shape))}
+        example = self.spec.random(torch.Generator().manual_seed(0), _device_of(self.converted))
+        metadata = {**self.metadata, "input_shape": json.dumps(list(self.spec.shape)), "input_spec": self.spec.text()}
         try:
             cosconvert.export_onnx(self.converted, example, self.onnx_path, fp16=s.fp16, inline=s.inline,
                                    dynamic_batch=s.dynamic_batch, metadata=metadata)  # fmt: skip
@@ -426,7 +428,7 @@ def _file_dtype(path: Path) -> str:
 
 
 def run(
-    model: nn.Module, *, data=None, input_shape: tuple | None = None, settings: RunSettings | None = None,
+    model: nn.Module, *, data=None, inputs: InputSpec | tuple | str | None = None, settings: RunSettings | None = None,
     out_dir: str | Path = "cosconvert-run", steps: Iterable[str] = STEPS, metadata: dict | None = None, **kwargs,
 ) -> RunReport:  # fmt: skip
     """Convert ``model`` to its cosine twin, calibrate it on ``data``, reconstruct and fine-tune it as
@@ -435,8 +437,9 @@ def run(
     Args:
         data: inputs to calibrate, reconstruct and fine-tune on: a data spec (``"digits"``, an ``.npz``,
             an image folder; a tenth is held out to measure on), or a DataLoader / iterable of batches.
-        input_shape: the example input's shape, batch first (default: the data's, else guessed from the
-            first layer).
+        inputs: the example input: an :class:`~cosconvert.inputs.InputSpec`, a shape (batch first, float),
+            or ``"2,16:int64"`` (token ids of the model's vocabulary); default: the data's, else guessed
+            from the first layer (an embedding: token ids).
         settings: a :class:`RunSettings`; or give its fields as keywords (``epochs=3, strip_norms="fold"``).
         steps: which of :data:`STEPS` to run (fine-tuning only where ``epochs`` > 0).
         metadata: recorded in the ONNX file (its source, for ``cosconvert validate``).
@@ -447,5 +450,5 @@ def run(
     """
     settings = settings or RunSettings(**kwargs)
     steps = tuple(s for s in steps if s != "finetune" or settings.epochs > 0)
-    return Pipeline(model, settings, out_dir, data=data, input_shape=input_shape, steps=steps, metadata=metadata,
+    return Pipeline(model, settings, out_dir, data=data, inputs=inputs, steps=steps, metadata=metadata,
                     source=type(model).__name__).run()  # fmt: skip

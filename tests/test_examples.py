@@ -29,6 +29,15 @@ def test_readme_python_example(tmp_path):
     assert "pass" in proc.stdout and (tmp_path / "resnet18-cos.onnx").exists()
 
 
+def test_readme_run_example(tmp_path):
+    """The README's `cosconvert.run` block, verbatim: the run passes and its files exist."""
+    block = next(b for b in re.findall(r"```python\n(.*?)```", README, re.S) if "cosconvert.run(" in b)
+    script = block + "\nimport os\nassert report.status == 'pass' and all(map(os.path.exists, report.files))\n"
+    (tmp_path / "example.py").write_text(script)
+    run("example.py", cwd=tmp_path)
+    assert (tmp_path / "digits-cosine" / "model.onnx").exists()
+
+
 @pytest.mark.slow
 def test_readme_digits_commands(tmp_path):
     """`python examples/train_digits_cnn.py` then the README's `cosconvert digits_cnn.pt ...` command."""

@@ -182,7 +182,8 @@ def available_providers(requested: str | list[str] = "auto") -> list[str]:
     return [p for p in GPU_PROVIDERS if p in listed and _provider_loads(p)] + ["CPUExecutionProvider"]
 
 
-def _random_inputs(proto: onnx.ModelProto, batch_sizes: list[int]) -> list[list[np.ndarray]]:
+def _random_inputs(proto: onnx.ModelProto, batch_sizes: list[int], high: int) -> list[list[np.ndarray]]:
+    """Seeded random inputs of the file's shapes: normal floats, integer ids in ``[0, high)``."""
     initializers = {i.name for i in proto.graph.initializer}
     batches = []
     rng = np.random.default_rng(0)
@@ -194,7 +195,10 @@ def _random_inputs(proto: onnx.ModelProto, batch_sizes: list[int]) -> list[list[
             t = value.type.tensor_type
             shape = [d.dim_value if d.HasField("dim_value") else b for d in t.shape.dim]
             dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
-            arrays.append(rng.standard_normal(shape).astype(dtype))
+            if np.issubdtype(dtype, np.integer):
+                arrays.append(rng.integers(0, high, shape).astype(dtype))
+            else:
+                arrays.append(rng.standard_normal(shape).astype(dtype))
         batches.append(arrays)
     return batches
 
@@ -256,7 +260,9 @@ def validate(
     tol = {**TOLERANCES[dtype], **({} if rtol is None else {"rtol": rtol}), **({} if atol is None else {"atol": atol})}
     names = None
     if inputs is None:
-        batches = _random_inputs(proto, [1, 3])
+        from cosconvert.inputs import vocabulary
+
+        batches = _random_inputs(proto, [1, 3], vocabulary(torch_model) or 2)  # token ids inside the vocabulary
     else:
         names, batches = _arrays(inputs, _input_names(proto))
         inputs_name = inputs_name or "the inputs given"

@@ -1,0 +1,90 @@
+"""The pipeline as one library call, and every face of it on image and text models (issue 28)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from test_cli import _user_net, cosconvert
+
+import cosconvert as cc
+from cosconvert.demo import DigitsCNN
+from cosconvert.errors import InputError
+from cosconvert.inputs import InputSpec
+
+TEXT = {"vocab_size": 100, "dim": 32, "n_layers": 2, "n_heads": 4, "hidden_dim": 64, "num_labels": 3}
+
+
+def _text_classifier() -> transformers.DistilBertForSequenceClassification:
+    torch.manual_seed(0)
+    return transformers.DistilBertForSequenceClassification(transformers.DistilBertConfig(**TEXT)).eval()
+
+
+def _check_report(report: cc.RunReport, out) -> None:
+    assert report.status == "pass", report.validation_text
+    assert report.files and all(p and __import__("os").path.exists(p) for p in report.files), report.files
+    assert json.loads((out / "report.json").read_text()) == report.summary
+
+
+def test_run_on_an_image_model(tmp_path):
+    torch.manual_seed(0)
+    report = cc.run(DigitsCNN().eval(), data="digits", strip_norms="fold", epochs=1, out_dir=tmp_path, verbose=False)
+    _check_report(report, tmp_path)
+    assert report.summary["fidelity_after"]["samples"] == 450  # the whole digits test split
+    assert {"fidelity_converted", "fidelity_calibrated", "fidelity_after", "finetune"} <= report.summary.keys()
+
+
+def test_run_on_a_text_model_draws_token_ids_inside_its_vocabulary(tmp_path):
+    report = cc.run(_text_classifier(), out_dir=tmp_path, verbose=False)
+    _check_report(report, tmp_path)
+    assert report.summary["input_spec"] == "2,16:int64"  # guessed from its embedding
+
+
+def test_input_spec():
+    model = _text_classifier()
+    spec = InputSpec.parse("4,9:int64", model)
+    ids = spec.random(torch.Generator().manual_seed(0))
+    assert ids.dtype == torch.int64 and ids.shape == (4, 9) and 0 <= ids.min() and ids.max() < 100
+    assert spec.text() == "4,9:int64" and InputSpec.parse(spec.text(), model) == spec
+    assert InputSpec.parse("2,3,8,8").random().dtype == torch.float32
+    for bad in ("2,x", "0,3", "2,16:int8"):
+        with pytest.raises(InputError):
+            InputSpec.parse(bad)
+
+
+def test_cli_text_classifier_end_to_end_with_and_without_token_data(tmp_path):
+    torch.save(_text_classifier().state_dict(), tmp_path / "distilbert.pt")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "tokens.npz", x=rng.integers(0, 100, (120, 16)), y=rng.integers(0, 3, 120))
+    common = ["distilbert.pt", "--arch", "transformers:DistilBertForSequenceClassification", "--arch-kwargs",
+              json.dumps(TEXT), "--quiet"]  # fmt: skip
+    for extra, out in (([], "plain"), (["--data", "tokens.npz"], "data")):
+        proc = cosconvert(*common, *extra, "--out-dir", out, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        summary = json.loads((tmp_path / out / "report.json").read_text())
+        assert summary["validation"]["passed"] and summary["input_spec"] == "2,16:int64", summary["input_spec"]
+    assert "accuracy_calibrated" in summary  # the token data was calibrated on and measured
+
+
+@pytest.mark.slow
+def test_cli_steps_chain_on_one_folder(tmp_path):
+    """convert --data (32x32 images), then finetune, export and validate in the same folder: each exits 0,
+    export and validate take the data's shape, and report.json keeps every step's section."""
+    _user_net(tmp_path, width=6)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "data.npz", x=rng.standard_normal((120, 1, 32, 32)).astype("float32"), y=rng.integers(0, 10, 120))
+    common = ["net.safetensors", "--arch", "net.py:Net", "--arch-kwargs", '{"width": 6}', "--out-dir", "out", "--quiet"]
+    steps = [("convert", "--data", "data.npz"), ("finetune", "--data", "data.npz", "--epochs", "1"), ("export",)]
+    for command, *extra in steps:
+        proc = cosconvert(command, *common, *extra, cwd=tmp_path)
+        assert proc.returncode == 0, (command, proc.stderr)
+    proc = cosconvert("validate", "out/model.onnx", "--data", "data.npz", "--quiet", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert summary["input_shape"] == [2, 1, 32, 32]
+    assert {"fidelity_calibrated", "finetune", "fidelity_after", "validation", "conversion"} <= summary.keys()
+    names = {p.rsplit("/", 1)[-1] for p in summary["files"]}
+    assert {"converted.pt", "model.onnx", "report.json", "last.pt"} <= names, names
