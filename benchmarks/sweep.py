@@ -15,7 +15,7 @@ Each model ends in one status:
 - ``faithful``: the converted model (float32) matches the reference within 1e-4 of the output's
   largest value; ``partial``: the same, with layers the report lists as skipped left as dot products
   in the reference;
-- ``precision``: it misses in float32 by more, but run in float64 matches (float32 rounding);
+- ``precision``: it misses in float32 by more, but run in float64 it matches within 1e-5 (float32 rounding);
 - ``WRONG``: it differs from the reference: a silent wrong conversion, the worst outcome;
 - ``failed``: cosconvert raised, or the converted model does not run: the row holds the one line;
 - ``harness``: the original cannot be built or run here (a harness skip, not cosconvert's result).
@@ -42,7 +42,7 @@ from test_faithful import liven  # noqa: E402
 
 import cosconvert  # noqa: E402
 
-REL_TOL, F64_TOL = 1e-4, 1e-6
+REL_TOL, F64_TOL = 1e-4, 1e-5  # float64 runs of models with float32 constants (anchors) agree to about 1e-6
 SIZE_WORDS = ("atto", "femto", "pico", "nano", "tiny", "xxs", "xs", "mini", "small", "s", "b0", "050", "100")
 
 

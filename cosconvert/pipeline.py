@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterable
@@ -27,7 +28,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cosconvert.atomic import atomic_write
 from cosconvert.errors import INCONCLUSIVE, VALIDATION_FAILED, InputError, OutputError, first_line
 from cosconvert.inputs import InputSpec
 
@@ -199,8 +199,8 @@ class Pipeline:
         self.batch_sizes = _batch_sizes(self.original, self.spec)
         self.evaluated_on = evaluated_on or f"random example inputs {self.spec.at_batch(self.batch_sizes[-1])}"
         self.converted: nn.Module | None = None
-        self.onnx_path = self.out / "model.onnx"
-        self.recipe = self.out / "converted.pt"
+        self.onnx_path = self.out / "model.onnx"  # the file validation reads (this run's, once exported)
+        self.recipe = self.out / "converted.pt"  # the conversion a step without convert restores
         self.files: list[str] = []
         self.validation_text = ""
         self.summary: dict = {"input": source, "input_shape": list(self.spec.shape), "input_spec": self.spec.text(),
@@ -325,8 +325,7 @@ class Pipeline:
         for kind in ("accuracy", "fidelity"):  # "before": the model as fine-tuning gets it
             if f"{kind}_{stage}" in self.summary:
                 self.summary[f"{kind}_before"] = self.summary[f"{kind}_{stage}"]
-        cosconvert.save(self.converted, self.recipe)
-        self.wrote(self.recipe)
+        cosconvert.save(self.converted, self.staged("converted.pt"))
 
     def restore(self, recipe: Path | None = None) -> None:
         """The saved conversion (converted.pt in the output folder, or ``recipe``), for the steps after it."""
@@ -353,8 +352,7 @@ class Pipeline:
         self.summary["finetune"] = log
         self.wrote(*sorted(p for p in folder.iterdir() if not p.name.startswith(".")))
         self.measure("after")
-        cosconvert.save(self.converted, self.recipe)
-        self.wrote(self.recipe)
+        cosconvert.save(self.converted, self.staged("converted.pt"))
 
     def export(self) -> None:
         """Export to model.onnx at the run's input shape; the file's metadata names its source."""
@@ -365,15 +363,14 @@ class Pipeline:
         self.say("exporting to ONNX" + (" (fp16)" if s.fp16 else ""))
         example = self.spec.random(torch.Generator().manual_seed(0), _device_of(self.converted))
         metadata = {**self.metadata, "input_shape": json.dumps(list(self.spec.shape)), "input_spec": self.spec.text()}
+        self.onnx_path = self.staged("model.onnx")
         try:
             cosconvert.export_onnx(self.converted, example, self.onnx_path, fp16=s.fp16, inline=s.inline,
                                    dynamic_batch=s.dynamic_batch, metadata=metadata)  # fmt: skip
         except ExportError as err:
             raise InputError(str(err)) from err
-        self.wrote(self.onnx_path)
-        data_file = self.onnx_path.with_name(self.onnx_path.name + ".data")
-        if data_file.exists():
-            self.wrote(data_file)
+        if self.onnx_path.with_name("model.onnx.data").exists():
+            self.staged("model.onnx.data")
 
     def validate(self) -> str:
         """Fidelity to the original and ONNX parity; returns the verdict (pass, fail, inconclusive)."""
@@ -391,33 +388,50 @@ class Pipeline:
         self.validation_text = str(report)
         return report.status
 
+    def staged(self, name: str) -> Path:
+        """Where this run writes ``name``: its staging folder, moved into the output folder only when the
+        run ends (so a failed or interrupted run leaves the previous run's files as they were)."""
+        self.wrote(self.out / name)
+        return self.stage / name
+
     def finish(self) -> RunReport:
         """Write report.json (what earlier steps in this folder recorded, then this run's; every file
-        written, itself included) and return it."""
-        report_path = self.out / "report.json"
-        self.wrote(report_path)
+        written, itself included), move this run's files into the output folder, and return the report."""
         if self.converted is not None:
             self.summary["conversion"] = self.converted.cosine_report.to_dict()
+        self.staged("report.json")
         files = [f for f in self.previous.get("files", []) if f not in self.files and Path(f).exists()]
         summary = {**self.previous, **self.summary, "files": files + self.files}
-        with atomic_write(report_path) as tmp:
-            tmp.write_text(json.dumps(summary, indent=2))
+        (self.stage / "report.json").write_text(json.dumps(summary, indent=2))
+        if "export" in self.steps and not (self.stage / "model.onnx.data").exists():
+            (self.out / "model.onnx.data").unlink(missing_ok=True)  # an earlier export's weights, not this one's
+        for name in ("converted.pt", "model.onnx.data", "model.onnx", "report.json"):  # the report last
+            if (self.stage / name).exists():
+                os.replace(self.stage / name, self.out / name)
+        self.stage.rmdir()
+        if self.onnx_path.parent == self.stage:
+            self.onnx_path = self.out / "model.onnx"
         return RunReport(summary, self.validation_text)
 
     def run(self, recipe: Path | None = None) -> RunReport:
         """Every step asked for, in order, then report.json. Without the convert step, the conversion is
-        restored from ``recipe`` (default: the folder's converted.pt)."""
-        if "convert" in self.steps:
-            self.convert()
-        else:
-            self.restore(recipe)
-        if "finetune" in self.steps:
-            self.finetune()
-        if "export" in self.steps:
-            self.export()
-        if "validate" in self.steps:
-            self.validate()
-        return self.finish()
+        restored from ``recipe`` (default: the folder's converted.pt). Nothing this run writes reaches its
+        final name unless it ends (checkpoints excepted: an interrupted fine-tune resumes from them)."""
+        self.stage = Path(tempfile.mkdtemp(dir=self.out, prefix=".run-"))  # this run's files, until it ends
+        try:
+            if "convert" in self.steps:
+                self.convert()
+            else:
+                self.restore(recipe)
+            if "finetune" in self.steps:
+                self.finetune()
+            if "export" in self.steps:
+                self.export()
+            if "validate" in self.steps:
+                self.validate()
+            return self.finish()
+        finally:
+            shutil.rmtree(self.stage, ignore_errors=True)
 
 
 def _file_dtype(path: Path) -> str:

@@ -34,6 +34,8 @@ def test_run_on_an_image_model(tmp_path):
     report = cc.run(DigitsCNN().eval(), data="digits", strip_norms="fold", epochs=1, out_dir=tmp_path, verbose=False)
     _check_report(report, tmp_path)
     assert report.summary["fidelity_after"]["samples"] == 450  # the whole digits test split
+    modes = {p.name: p.stat().st_mode & 0o777 for p in [*tmp_path.iterdir(), *(tmp_path / "checkpoints").iterdir()]}
+    assert len(set(modes.values())) == 2, modes  # the checkpoints folder's mode, and every file's
     assert {"fidelity_converted", "fidelity_calibrated", "fidelity_after", "finetune"} <= report.summary.keys()
 
 
@@ -88,3 +90,37 @@ def test_cli_steps_chain_on_one_folder(tmp_path):
     assert {"fidelity_calibrated", "finetune", "fidelity_after", "validation", "conversion"} <= summary.keys()
     names = {p.rsplit("/", 1)[-1] for p in summary["files"]}
     assert {"converted.pt", "model.onnx", "report.json", "last.pt"} <= names, names
+
+
+class _BreaksAt(torch.utils.data.Dataset):
+    """The digits train split, whose sample ``at`` cannot be read: a data source that breaks mid-run."""
+
+    def __init__(self, at: int) -> None:
+        from cosconvert.data import digits
+
+        self.data, self.at = digits("train"), at
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        if index == self.at:
+            raise OSError("the data went away")
+        return self.data[index]
+
+
+def test_a_failed_run_leaves_the_previous_runs_files_as_they_were(tmp_path):
+    """A good run, then a run into the same folder whose data fails during fine-tuning (after its
+    conversion): the folder's converted.pt, model.onnx and report.json are still the good run's, still
+    validate together, and nothing of the failed run is left under a final name."""
+    torch.manual_seed(0)
+    good = cc.run(DigitsCNN().eval(), data="digits", strip_norms="fold", out_dir=tmp_path, verbose=False)
+    assert good.status == "pass"
+    before = {name: (tmp_path / name).read_bytes() for name in ("converted.pt", "model.onnx", "report.json")}
+    with pytest.raises(OSError, match="went away"):
+        broken = torch.utils.data.DataLoader(_BreaksAt(1000), batch_size=64)  # calibration reads the first 512
+        cc.run(DigitsCNN().eval(), data=broken, epochs=1, out_dir=tmp_path, verbose=False)
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run-")]
+    restored = cc.restore(DigitsCNN().eval(), tmp_path / "converted.pt")
+    assert cc.validate(tmp_path / "model.onnx", restored).passed

@@ -14,7 +14,10 @@ import sweep  # noqa: E402
 
 SAMPLE = {
     "timm": ["resnet18", "vit_tiny_patch16_224"],
-    "transformers": ["WavLMModel", "FalconModel", "MixtralModel", "SwinModel"],
+    # functional attention weights, x @ W.T, grouped experts, a probe that changed the model, einsum
+    # projections, a query @ w_g weight, bmm experts, and a second grouped-experts family
+    "transformers": ["WavLMModel", "FalconModel", "MixtralModel", "SwinModel", "XLNetModel", "SwiftFormerModel",
+                     "Llama4TextModel", "Qwen2MoeModel"],
     "torchvision": ["detection/fasterrcnn_mobilenet_v3_large_320_fpn", "segmentation/lraspp_mobilenet_v3_large"],
 }
 
