@@ -80,7 +80,9 @@ class GraphRewriter:
                 self.stripper.strip_function(gm, node, prefix)
             elif _product_target(node) is not None:
                 self.rewrite_product(gm, node, prefix, in_fallback)
-            elif node.op == "call_function" and node.target in UNCONVERTED and _weight_view(gm, _arg(node, 1, "weight")) is not None:
+            elif node.op == "call_function" and node.target in UNCONVERTED and any(
+                _weight_view(gm, a) is not None for a in _flat(node.args[1:])
+            ):
                 self.report.skipped.append({
                     "name": join(prefix, node_path(node)), "type": function_name(node.target),
                     "reason": UNCONVERTED[node.target],
@@ -196,14 +198,20 @@ class GraphRewriter:
 
 
 # Dot products cosconvert leaves as they are: listed as skipped where they take a weight.
+_TRANSPOSED = "transposed convolution: an output sums over scattered inputs, no receptive field"
+_RECURRENT = "recurrent layer: its gate dot products run inside one fused op"
 UNCONVERTED = {
-    F.conv_transpose1d: "transposed convolution: an output sums over scattered inputs, no receptive field",
-    F.conv_transpose2d: "transposed convolution: an output sums over scattered inputs, no receptive field",
-    F.conv_transpose3d: "transposed convolution: an output sums over scattered inputs, no receptive field",
+    F.conv_transpose1d: _TRANSPOSED, F.conv_transpose2d: _TRANSPOSED, F.conv_transpose3d: _TRANSPOSED,
     F.bilinear: "bilinear form x1^T W x2, not a dot product with one input",
     torch.baddbmm: "a batched product added to a tensor, not converted",
     torch.addbmm: "a batched product added to a tensor, not converted",
-}
+    # ATen spellings, as in torch.export programs (.pt2)
+    torch.ops.aten.conv_transpose1d.default: _TRANSPOSED, torch.ops.aten.conv_transpose2d.input: _TRANSPOSED,
+    torch.ops.aten.conv_transpose3d.input: _TRANSPOSED,
+    torch.ops.aten.bilinear.default: "bilinear form x1^T W x2, not a dot product with one input",
+    torch.ops.aten.gru.input: _RECURRENT, torch.ops.aten.lstm.input: _RECURRENT, torch.ops.aten.rnn_tanh.input: _RECURRENT,
+    torch.ops.aten.rnn_relu.input: _RECURRENT,
+}  # fmt: skip
 _METHOD_PRODUCTS = {"matmul": torch.matmul, "__matmul__": torch.matmul, "mm": torch.mm, "bmm": torch.bmm}
 _VIEW_METHODS = {"t", "transpose", "permute", "view", "unsqueeze", "squeeze", "expand", "unflatten", "__getitem__"}
 _VIEW_FUNCTIONS = {torch.t, torch.transpose, torch.permute, torch.unsqueeze, torch.squeeze, operator.getitem}

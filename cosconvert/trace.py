@@ -8,6 +8,8 @@ from activations, and graft a rewritten graph back into the module it was traced
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.fx as fx
 from torch import nn
@@ -28,7 +30,14 @@ class Tracer(fx.Tracer):
 
 
 def trace(module: nn.Module) -> fx.GraphModule:
-    """``module`` as a GraphModule; raises whatever fx raises where it cannot trace."""
+    """``module`` as a GraphModule; raises whatever fx raises where it cannot trace. A graph that
+    ``torch.export`` made (its nodes know their source modules) is copied, not traced again, so its
+    calls keep the names of the modules they came from."""
+    if isinstance(module, fx.GraphModule) and any("nn_module_stack" in n.meta for n in module.graph.nodes):
+        graph = fx.Graph()
+        graph._codegen = copy.deepcopy(module.graph._codegen)  # the program's own input and output packing
+        graph.output(graph.graph_copy(module.graph, {}))
+        return fx.GraphModule(module, graph, type(module).__name__)
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)  # the transformer layers' fast-path checks are untraceable
     try:

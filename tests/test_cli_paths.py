@@ -292,3 +292,41 @@ def test_inspect_prints_whole_reasons_wrapped(folder):
     assert len(skipped["reason"]) > 60
     assert " ".join(skipped["reason"].split()) in " ".join(proc.stdout.split())
     assert max(len(line) for line in proc.stdout.splitlines() if "gru" in line.lower()) < 100
+
+
+class _Mixed(torch.nn.Module):
+    """A conv, then the dot products cosconvert leaves alone: a transposed conv, a GRU, a bilinear form."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.up = torch.nn.ConvTranspose2d(4, 4, 2, stride=2)
+        self.gru = torch.nn.GRU(4, 8, batch_first=True)
+        self.bil = torch.nn.Bilinear(8, 8, 5)
+        self.fc = torch.nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.up(self.conv(x)).mean((2, 3)).unsqueeze(1).repeat(1, 3, 1)
+        out, _ = self.gru(h)
+        return self.fc(self.bil(out[:, -1], out[:, -1]))
+
+
+def test_pt2_program_layers_are_named_after_their_modules_and_unconverted_ones_listed(tmp_path):
+    """A dynamic-batch .pt2 with a GRU: converted layers take their source module's name (the program's
+    nn_module_stack), the transposed conv, GRU and bilinear form are listed as skipped, and the command
+    line runs it end to end."""
+    import cosconvert
+    from cosconvert.load import load_model
+
+    torch.manual_seed(0)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(_Mixed().eval(), (torch.randn(2, 3, 8, 8),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, tmp_path / "mixed.pt2")
+    module, example = load_model(tmp_path / "mixed.pt2")
+    report = cosconvert.convert(module, example_inputs=example).cosine_report
+    assert [r["name"] for r in report.converted] == ["conv.conv2d", "fc.linear"], report.converted
+    assert {r["name"] for r in report.skipped} == {"up.conv_transpose2d", "gru.gru", "bil.bilinear"}, report.skipped
+    proc = cosconvert_cli("mixed.pt2", "--out-dir", "out", "--quiet", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert len(summary["conversion"]["converted"]) == 2 and summary["validation"]["passed"]
