@@ -267,8 +267,11 @@ def judge(build, max_params: int) -> dict:
     if row["rel"] <= REL_TOL:
         row["status"] = "partial" if report.skipped else "faithful"
         return row
-    with torch.no_grad():
-        row["rel_float64"] = _rel(converted.double()(*_double(args), **_double(kwargs)), ref)
+    try:
+        with torch.no_grad():
+            row["rel_float64"] = _rel(converted.double()(*_double(args), **_double(kwargs)), ref)
+    except Exception as err:  # noqa: BLE001 - cannot tell rounding from a wrong conversion: counted as wrong
+        return {**row, "status": "WRONG", "error": f"misses in float32; its float64 rerun fails: {one_line(err)}"}
     row["status"] = "precision" if row["rel_float64"] <= F64_TOL else "WRONG"
     return row
 
@@ -331,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
                     row = judge(cases[name], int(args.max_params))
             except TimeoutError as err:
                 row = {"status": "harness", "error": f"timeout: {err}"}
+            except Exception as err:  # noqa: BLE001 - the harness's own failure: recorded, the sweep goes on
+                row = {"status": "harness", "error": f"harness: {one_line(err)}"}
             row = {"source": source, "model": name, **row, "seconds": round(time.time() - start, 1)}
             rows.append(row)
             print(f"{source:12} {name:48} {row['status']:9} {row.get('rel', ''):<10.3g} {row.get('error', '')[:90]}"

@@ -6,7 +6,7 @@ model); 2 bad input (missing, corrupt, text or untrusted file, wrong --arch, wei
 fit, bad shape or data, a model the exporter cannot take as asked); 3 the output folder cannot be
 written; 4 an unexpected internal error; 5 validation inconclusive (the outputs are degenerate:
 constant, zero, non-finite or the same for different inputs, so they cannot show the file is
-right); 130 interrupted (rerun with --resume to continue fine-tuning). ``--debug`` adds the
+right); 130 interrupted (during fine-tuning: rerun with --resume to continue it). ``--debug`` adds the
 traceback and changes no exit code.
 """
 
@@ -23,7 +23,7 @@ from cosconvert.errors import INCONCLUSIVE as EXIT_INCONCLUSIVE
 from cosconvert.errors import INTERNAL as EXIT_INTERNAL
 from cosconvert.errors import INTERRUPTED as EXIT_INTERRUPT
 from cosconvert.errors import VALIDATION_FAILED as EXIT_VALIDATION
-from cosconvert.errors import CosconvertError, InputError, first_line
+from cosconvert.errors import CosconvertError, InputError, Interrupted, first_line
 from cosconvert.pipeline import Pipeline, RunReport, RunSettings, run
 
 COMMANDS = ("run", "convert", "finetune", "export", "validate", "inspect", "demo")
@@ -400,10 +400,12 @@ def main(argv: list[str] | None = None) -> int:
         args.out_dir = args.out_dir or "cosconvert-demo"
     try:
         return args.run(args)
+    except Interrupted as err:
+        return _fail(args, f"cosconvert: {err}", err.code)
     except CosconvertError as err:
         return _fail(args, f"cosconvert: error: {err}", err.code)
     except KeyboardInterrupt:
-        return _fail(args, "cosconvert: interrupted; rerun with --resume to continue fine-tuning", EXIT_INTERRUPT)
+        return _fail(args, "cosconvert: interrupted", EXIT_INTERRUPT)
     except Exception as err:  # noqa: BLE001 - anything unforeseen still gets one line, not a traceback
         return _fail(args, f"cosconvert: internal error: {first_line(err, with_type=True)}; rerun with --debug for "
                      "details", EXIT_INTERNAL)  # fmt: skip

@@ -34,6 +34,12 @@ class OutputError(CosconvertError, OSError):
     code = OUTPUT_UNWRITABLE
 
 
+class Interrupted(CosconvertError):
+    """Ctrl-C: what was kept, and how to go on."""
+
+    code = INTERRUPTED
+
+
 def first_line(err: BaseException, with_type: bool = False) -> str:
     """The first line of an error's message (exceptions from torch run to pages), with its type if asked."""
     text = (str(err).strip().splitlines() or [""])[0]

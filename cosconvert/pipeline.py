@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cosconvert.errors import INCONCLUSIVE, VALIDATION_FAILED, InputError, OutputError, first_line
+from cosconvert.errors import INCONCLUSIVE, VALIDATION_FAILED, InputError, Interrupted, OutputError, first_line
 from cosconvert.inputs import InputSpec
 
 __all__ = ["RunSettings", "RunReport", "Pipeline", "run", "STEPS"]
@@ -402,6 +402,9 @@ class Pipeline:
         self.staged("report.json")
         files = [f for f in self.previous.get("files", []) if f not in self.files and Path(f).exists()]
         summary = {**self.previous, **self.summary, "files": files + self.files}
+        # what was measured on a staged file names it where it will be
+        summary = json.loads(json.dumps(summary).replace(json.dumps(str(self.stage))[1:-1], json.dumps(str(self.out))[1:-1]))
+        self.validation_text = self.validation_text.replace(str(self.stage), str(self.out))
         (self.stage / "report.json").write_text(json.dumps(summary, indent=2))
         if "export" in self.steps and not (self.stage / "model.onnx.data").exists():
             (self.out / "model.onnx.data").unlink(missing_ok=True)  # an earlier export's weights, not this one's
@@ -418,18 +421,26 @@ class Pipeline:
         restored from ``recipe`` (default: the folder's converted.pt). Nothing this run writes reaches its
         final name unless it ends (checkpoints excepted: an interrupted fine-tune resumes from them)."""
         self.stage = Path(tempfile.mkdtemp(dir=self.out, prefix=".run-"))  # this run's files, until it ends
+        step = "converting"
         try:
             if "convert" in self.steps:
                 self.convert()
             else:
                 self.restore(recipe)
             if "finetune" in self.steps:
+                step = "fine-tuning"
                 self.finetune()
+            step = "exporting"
             if "export" in self.steps:
                 self.export()
+            step = "validating"
             if "validate" in self.steps:
                 self.validate()
             return self.finish()
+        except KeyboardInterrupt as err:
+            if step == "fine-tuning":
+                raise Interrupted("interrupted; rerun with --resume to continue fine-tuning") from err
+            raise Interrupted(f"interrupted while {step}; nothing of this run was kept") from err
         finally:
             shutil.rmtree(self.stage, ignore_errors=True)
 

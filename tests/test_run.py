@@ -34,6 +34,7 @@ def test_run_on_an_image_model(tmp_path):
     report = cc.run(DigitsCNN().eval(), data="digits", strip_norms="fold", epochs=1, out_dir=tmp_path, verbose=False)
     _check_report(report, tmp_path)
     assert report.summary["fidelity_after"]["samples"] == 450  # the whole digits test split
+    assert report.validation["path"] == str(tmp_path / "model.onnx")  # where the file is, not where it was staged
     modes = {p.name: p.stat().st_mode & 0o777 for p in [*tmp_path.iterdir(), *(tmp_path / "checkpoints").iterdir()]}
     assert len(set(modes.values())) == 2, modes  # the checkpoints folder's mode, and every file's
     assert {"fidelity_converted", "fidelity_calibrated", "fidelity_after", "finetune"} <= report.summary.keys()
