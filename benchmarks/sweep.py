@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from faithful_reference import CosineReference, reference_outputs  # noqa: E402
-from test_faithful import liven  # noqa: E402
+from test_faithful import leaves, liven  # noqa: E402
 
 import cosconvert  # noqa: E402
 
@@ -209,18 +209,8 @@ SOURCES = {"timm": timm_cases, "transformers": transformers_cases, "torchvision"
 
 
 # -- judging one model ---------------------------------------------------------------------------------
-def _leaves(out) -> list[torch.Tensor]:
-    if hasattr(out, "to_tuple"):
-        out = out.to_tuple()
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _leaves(o)]
-    return [out] if isinstance(out, torch.Tensor) and out.is_floating_point() else []
-
-
 def _rel(out, ref) -> float:
-    outs, refs = _leaves(out), _leaves(ref)
+    outs, refs = leaves(out), leaves(ref)
     if [t.shape for t in outs] != [t.shape for t in refs] or not refs:
         return float("inf")
     return max(float((o.double() - r).abs().max() / r.abs().max().clamp_min(1e-30)) for o, r in zip(outs, refs))
@@ -262,7 +252,7 @@ def judge(build, max_params: int) -> dict:
         ref, mode = reference_outputs(model, *args, skip=skipped, **kwargs)
     except Exception as err:  # noqa: BLE001 - the judge cannot run the original in float64
         return {**row, "status": "harness", "error": f"reference: {one_line(err)}"}
-    if not all(torch.isfinite(t).all() for t in _leaves(ref)):
+    if not all(torch.isfinite(t).all() for t in leaves(ref)):
         return {**row, "status": "harness", "error": "reference: the original run in float64 gives NaN or inf"}
     row["rel"] = _rel(out, ref)
     row["reference_calls"] = sum(mode.calls.values())

@@ -384,6 +384,8 @@ class Pipeline:
         on = f"{sum(len(b) for b in batches)} samples of {self.evaluated_on}"
         report = cosconvert.validate(self.onnx_path, reference, batches, original=self.original,
                                      inputs_name=on, providers=self.settings.providers)  # fmt: skip
+        if self.onnx_path.parent == self.stage:  # a staged file: named where it will be
+            report.path = str(self.out / self.onnx_path.name)
         self.summary["validation"] = report.to_dict()
         self.validation_text = str(report)
         return report.status
@@ -402,9 +404,6 @@ class Pipeline:
         self.staged("report.json")
         files = [f for f in self.previous.get("files", []) if f not in self.files and Path(f).exists()]
         summary = {**self.previous, **self.summary, "files": files + self.files}
-        # what was measured on a staged file names it where it will be
-        summary = json.loads(json.dumps(summary).replace(json.dumps(str(self.stage))[1:-1], json.dumps(str(self.out))[1:-1]))
-        self.validation_text = self.validation_text.replace(str(self.stage), str(self.out))
         (self.stage / "report.json").write_text(json.dumps(summary, indent=2))
         if "export" in self.steps and not (self.stage / "model.onnx.data").exists():
             (self.out / "model.onnx.data").unlink(missing_ok=True)  # an earlier export's weights, not this one's

@@ -142,7 +142,7 @@ class GraphRewriter:
         found = product(target, node.args, node.kwargs, lambda n: weights.setdefault(n, _weight_view(gm, n)) is not None)
         name = join(prefix, node_path(node))
         if found is None:
-            if any(w is not None for w in weights.values()) and sum(w is not None for w in weights.values()) == 1:
+            if sum(w is not None for w in weights.values()) == 1:  # a weight, in a product that is no layer
                 self.report.skipped.append({
                     "name": name, "type": function_name(target),
                     "reason": "a product with a weight that is no linear map of one input (a sum over one operand alone, or more than two operands)",
@@ -215,10 +215,6 @@ UNCONVERTED = {
 _METHOD_PRODUCTS = {"matmul": torch.matmul, "__matmul__": torch.matmul, "mm": torch.mm, "bmm": torch.bmm}
 _VIEW_METHODS = {"t", "transpose", "permute", "view", "unsqueeze", "squeeze", "expand", "unflatten", "__getitem__"}
 _VIEW_FUNCTIONS = {torch.t, torch.transpose, torch.permute, torch.unsqueeze, torch.squeeze, operator.getitem}
-
-
-def _arg(node: fx.Node, index: int, name: str):
-    return node.args[index] if len(node.args) > index else node.kwargs.get(name)
 
 
 def _product_target(node: fx.Node):
