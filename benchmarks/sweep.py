@@ -44,6 +44,7 @@ from faithful_reference import CosineReference, reference_outputs  # noqa: E402
 from test_faithful import leaves, liven  # noqa: E402
 
 import cosconvert  # noqa: E402
+from cosconvert.errors import first_line  # noqa: E402
 
 REL_TOL, F64_TOL = 1e-4, 1e-5  # float64 runs of models with float32 constants (anchors) agree to about 1e-6
 SIZE_WORDS = ("atto", "femto", "pico", "nano", "tiny", "xxs", "xs", "mini", "small", "s", "b0", "050", "100")
@@ -51,10 +52,6 @@ SIZE_WORDS = ("atto", "femto", "pico", "nano", "tiny", "xxs", "xs", "mini", "sma
 
 class Harness(Exception):
     """The original cannot be built or run here: not cosconvert's result."""
-
-
-def one_line(err: BaseException) -> str:
-    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
 
 
 @contextlib.contextmanager
@@ -223,7 +220,7 @@ def judge(build, max_params: int) -> dict:
         with torch.device("meta"):
             params = sum(p.numel() for p in build()[0].parameters())
     except Exception as err:  # noqa: BLE001 - not sized, so not built: it could exhaust the memory
-        return {"status": "harness", "error": f"not built: it cannot be sized on the meta device ({one_line(err)})"}
+        return {"status": "harness", "error": f"not built: it cannot be sized on the meta device ({first_line(err, with_type=True)[:200]})"}
     if params > max_params:
         return {"params": params, "status": "harness", "error": f"{params / 1e6:.0f}M parameters: over this sweep's limit"}
     try:
@@ -235,7 +232,7 @@ def judge(build, max_params: int) -> dict:
         with torch.no_grad():
             model(*args, **kwargs)
     except Exception as err:  # noqa: BLE001 - the original itself does not build or run here
-        return {**row, "status": "harness", "error": one_line(err)}
+        return {**row, "status": "harness", "error": first_line(err, with_type=True)[:200]}
     try:
         converted = cosconvert.convert(model, gain="none").eval()
         report = converted.cosine_report
@@ -243,7 +240,7 @@ def judge(build, max_params: int) -> dict:
             out = converted(*args, **kwargs)
     except Exception as err:  # noqa: BLE001 - cosconvert's failure: its one line
         frame = traceback.extract_tb(err.__traceback__)[-1]
-        return {**row, "status": "failed", "error": one_line(err), "at": f"{Path(frame.filename).name}:{frame.lineno}"}
+        return {**row, "status": "failed", "error": first_line(err, with_type=True)[:200], "at": f"{Path(frame.filename).name}:{frame.lineno}"}
     names = {n for n, _ in model.named_modules()}
     skipped = [r["name"] for r in report.skipped if r["name"] in names]
     row.update(converted=len(report.converted), skipped=len(report.skipped), fallbacks=len(report.fallbacks),
@@ -251,7 +248,7 @@ def judge(build, max_params: int) -> dict:
     try:
         ref, mode = reference_outputs(model, *args, skip=skipped, **kwargs)
     except Exception as err:  # noqa: BLE001 - the judge cannot run the original in float64
-        return {**row, "status": "harness", "error": f"reference: {one_line(err)}"}
+        return {**row, "status": "harness", "error": f"reference: {first_line(err, with_type=True)[:200]}"}
     if not all(torch.isfinite(t).all() for t in leaves(ref)):
         return {**row, "status": "harness", "error": "reference: the original run in float64 gives NaN or inf"}
     row["rel"] = _rel(out, ref)
@@ -269,7 +266,7 @@ def judge(build, max_params: int) -> dict:
         with torch.no_grad():
             row["rel_float64"] = _rel(converted.double()(*_double(args), **_double(kwargs)), ref)
     except Exception as err:  # noqa: BLE001 - the float32 judge alone decides
-        row["rel_float64"], row["error"] = None, f"its float64 rerun fails: {one_line(err)}"
+        row["rel_float64"], row["error"] = None, f"its float64 rerun fails: {first_line(err, with_type=True)[:200]}"
     rounding = row["rel_float64"] is not None and row["rel_float64"] <= F64_TOL
     # the original with exact cosines, rounded to float32, misses by as much: the network amplifies rounding
     rounding |= row["judge_f32"] is not None and row["rel"] <= 2 * row["judge_f32"] + REL_TOL
@@ -337,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             except TimeoutError as err:
                 row = {"status": "harness", "error": f"timeout: {err}"}
             except Exception as err:  # noqa: BLE001 - the harness's own failure: recorded, the sweep goes on
-                row = {"status": "harness", "error": f"harness: {one_line(err)}"}
+                row = {"status": "harness", "error": f"harness: {first_line(err, with_type=True)[:200]}"}
             row = {"source": source, "model": name, **row, "seconds": round(time.time() - start, 1)}
             rows.append(row)
             print(f"{source:12} {name:48} {row['status']:9} {row.get('rel', ''):<10.3g} {row.get('error', '')[:90]}"

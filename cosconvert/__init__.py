@@ -2,6 +2,7 @@
 
 from cosconvert import functional, nn
 from cosconvert.calibration import calibrate
+from cosconvert.config import CosineConfig
 from cosconvert.convert import convert, inspect, report_of
 from cosconvert.finetune import finetune  # the function: cosconvert.finetune(model, data, teacher=...)
 from cosconvert.freeze import freeze
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "functional",
     "nn",
+    "CosineConfig",
     "convert",
     "inspect",
     "report_of",

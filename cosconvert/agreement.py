@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Agreement", "agreement", "output_kind", "first_output"]
+__all__ = ["Agreement", "agreement", "output_kind", "first_output", "score"]
 
 HEADLINE = {"classifier": "top1_agreement", "multilabel": "unit_agreement", "embedding": "output_cosine"}
 
@@ -59,7 +59,8 @@ class Agreement:
     def add(self, ref, out) -> None:
         ref, out = first_output(ref).detach(), first_output(out).detach()
         self.kind = self.kind or output_kind(ref)
-        r, o = ref.flatten(1).double(), out.flatten(1).double()
+        rows = len(ref) if ref.dim() else 1
+        r, o = ref.reshape(rows, -1).double(), out.reshape(rows, -1).double()
         s = self.sums
         s["cosine"] += F.cosine_similarity(r, o, dim=1).sum().item()
         s["err"] += (o - r).pow(2).sum().item()
@@ -70,22 +71,23 @@ class Agreement:
             a, b = r > 0.5, o > 0.5
             union = (a | b).sum(1)
             s["units"] += torch.where(union > 0, (a & b).sum(1) / union.clamp_min(1), 1.0).sum().item()
-        self.count += len(ref)
+        self.count += rows
 
-    def result(self) -> dict:
+    def result(self, rounded: bool = True) -> dict:
         """``kind``, ``samples``, ``output_cosine``, ``relative_error``, and by kind
-        ``top1_agreement`` and ``unit_agreement`` (percent)."""
+        ``top1_agreement`` and ``unit_agreement`` (percent); ``rounded`` to 4 and 2 decimals for reports."""
         n, s = max(self.count, 1), self.sums
+        keep = (lambda value, digits: round(value, digits)) if rounded else (lambda value, _: value)
         out = {
             "kind": self.kind,
             "samples": self.count,
-            "output_cosine": round(s["cosine"] / n, 4),
-            "relative_error": round(s["err"] / max(s["power"], 1e-300), 4),
+            "output_cosine": keep(s["cosine"] / n, 4),
+            "relative_error": keep(s["err"] / max(s["power"], 1e-300), 4),
         }
         if self.kind in ("classifier", "multilabel"):
-            out["top1_agreement"] = round(100.0 * s["top1"] / n, 2)
+            out["top1_agreement"] = keep(100.0 * s["top1"] / n, 2)
         if self.kind == "multilabel":
-            out["unit_agreement"] = round(100.0 * s["units"] / n, 2)
+            out["unit_agreement"] = keep(100.0 * s["units"] / n, 2)
         return out
 
 

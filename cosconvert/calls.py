@@ -4,8 +4,8 @@
 while it is active (``F.linear``, ``F.convNd``, ``torch.addmm`` with a weight ``Parameter``
 as its matrix, as transformers' ``Conv1D`` computes a linear layer, and a product of an
 activation with a weight: ``x @ W.T``, ``einsum``, grouped experts' ``_grouped_mm``) as its
-cosine twin; inside ``F.multi_head_attention_forward`` too, whose projections it sees. The converter uses it around the few places a graph pass cannot rewrite:
-functions that fx records as opaque leaves (``torch.fx.wrap``) and modules whose forward
+cosine twin; inside ``F.multi_head_attention_forward`` too, whose projections it sees. The
+converter uses it around the few places a graph pass cannot rewrite: functions that fx records as opaque leaves (``torch.fx.wrap``) and modules whose forward
 cannot be traced faithfully. :class:`DotProductCalls` watches a run and records which layer
 calls ran plain and which :class:`CosineCalls` turned into cosines.
 """
@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from cosconvert import functional as CF
+from cosconvert.config import CosineConfig
 from cosconvert.nn import _CosineMixin
 
 ADDMM = (torch.addmm, torch.ops.aten.addmm.default)
@@ -81,7 +82,11 @@ def product(func, args: tuple, kwargs: dict, weighted: Callable = None) -> Produ
         operands = tuple(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else tuple(args[1:])
         twin, extra = functools.partial(CF.cosine_einsum, args[0]), {}
     elif func in GROUPED_MMS and len(args) >= 2:
-        twin, operands, extra = CF.cosine_grouped_mm, tuple(args[:2]), {**dict(zip(("offs", "bias", "out_dtype"), args[2:])), **kwargs}
+        twin, operands, extra = (
+            CF.cosine_grouped_mm,
+            tuple(args[:2]),
+            {**dict(zip(("offs", "bias", "out_dtype"), args[2:])), **kwargs},
+        )
     else:
         return None
     if len(operands) != 2:
@@ -153,14 +158,14 @@ class CosineCalls(TorchFunctionMode):
 
     def __init__(
         self,
-        centered: bool = False,
-        eps: float = 1e-6,
+        config: CosineConfig | None = None,
         gains: Iterable[tuple[Tensor, Tensor]] = (),
         plain: Iterable[Tensor] = (),
         layer_gain: Tensor | None = None,
     ):
         super().__init__()
-        self.centered, self.eps, self.layer_gain = centered, eps, layer_gain
+        config = config or CosineConfig()
+        self.centered, self.eps, self.layer_gain = config.centered, config.eps, layer_gain
         self.gains = {id(w): g for w, g in gains if g is not None}
         self.plain = {id(w) for w in plain}
 
@@ -175,7 +180,9 @@ class CosineCalls(TorchFunctionMode):
         return self.layer_gain if gain is None else gain
 
     def _left_plain(self, weight: Tensor | None) -> bool:
-        return weight is not None and (id(weight) in self.plain or (weight._base is not None and id(weight._base) in self.plain))
+        return weight is not None and (
+            id(weight) in self.plain or (weight._base is not None and id(weight._base) in self.plain)
+        )
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -267,12 +274,12 @@ def gains_of(module: nn.Module) -> list[tuple[Tensor, Tensor]]:
     return [(m.weight, m.gain) for m in module.modules() if isinstance(m, _CosineMixin) and hasattr(m, "weight")]
 
 
-def scoped_function(fn: Callable, centered: bool, eps: float) -> Callable:
+def scoped_function(fn: Callable, config: CosineConfig) -> Callable:
     """``fn`` run under :class:`CosineCalls`; the graph passes it the (weight, gain) pairs first."""
 
     @functools.wraps(fn)
     def scoped(gains, *args, **kwargs):
-        with CosineCalls(centered, eps, gains):
+        with CosineCalls(config, gains):
             return fn(*args, **kwargs)
 
     scoped.__module__ = __name__  # so fx stores the function object instead of importing fn's name
@@ -284,23 +291,25 @@ def scoped_class(cls: type[nn.Module]) -> type[nn.Module]:
     """A subclass of ``cls`` whose forward runs under :class:`CosineCalls`, with the fast
     paths of ``nn.MultiheadAttention`` and the transformer layers switched off.
 
-    The instance holds ``_cosine_settings`` (centered, eps), ``_cosine_plain`` (names of the
-    parameters whose calls stay plain) and, for a layer, ``cosine_gain`` (its calls' gain)."""
+    Its state is declared on the class: ``cosine_config``, ``cosine_plain`` (names of the
+    parameters whose calls stay plain) and, for a layer, the parameter ``cosine_gain`` (its
+    calls' gain)."""
 
     @functools.wraps(cls.forward)  # keeps the signature, which torch.export reads
     def forward(self, *args, **kwargs):
-        centered, eps = self._cosine_settings
-        plain = [self.get_parameter(name) for name in self.__dict__.get("_cosine_plain", ())]
+        plain = [self.get_parameter(name) for name in self.cosine_plain]
         layer_gain = self._parameters.get("cosine_gain")
         mha = torch.backends.mha  # its flag set directly: torch.compile traces that, not set_fastpath_enabled
         fastpath, mha._is_fastpath_enabled = mha._is_fastpath_enabled, False
         try:
-            with CosineCalls(centered, eps, gains_of(self), plain, layer_gain):
+            with CosineCalls(self.cosine_config, gains_of(self), plain, layer_gain):
                 return cls.forward(self, *args, **kwargs)
         finally:
             mha._is_fastpath_enabled = fastpath
 
-    return type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__, "_cosine_scoped": True})
+    namespace = {"forward": forward, "__module__": cls.__module__, "_cosine_scoped": True,
+                 "cosine_config": CosineConfig(), "cosine_plain": ()}  # fmt: skip
+    return type(cls.__name__, (cls,), namespace)
 
 
 @functools.cache

@@ -17,9 +17,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
-__all__ = ["Capture", "example_batch", "optional_inputs", "quiet"]
+from cosconvert.inputs import InputSpec
 
-_IMAGE_SIZES = (32, 224)  # small first (fast); 224 for models with a fixed input size
+__all__ = ["Capture", "example_batch", "optional_inputs", "quiet"]
 
 
 def optional_inputs(module: nn.Module) -> list[str]:
@@ -30,31 +30,6 @@ def optional_inputs(module: nn.Module) -> list[str]:
     except (TypeError, ValueError):
         return []
     return [p.name for p in params if p.default is None and p.kind is not p.VAR_KEYWORD]
-
-
-def _candidates(model: nn.Module) -> list[tuple[tuple, str]]:
-    """Inputs built from the model's first embedding, conv or linear layer: (args, description)."""
-    first = next(
-        (m for m in model.modules() if isinstance(m, (nn.Embedding, nn.modules.conv._ConvNd, nn.Linear))), None
-    )
-    if first is None or first.weight.is_meta:
-        return []
-    like = first.weight
-    if isinstance(first, nn.Embedding):
-        ids = torch.randint(0, min(first.num_embeddings, 1000), (2, 7), device=like.device)
-        return [((ids,), "token ids (2, 7) inferred from the first embedding")]
-    if isinstance(first, nn.Linear):
-        shapes = [(2, first.in_features)]
-    elif first.weight.dim() == 3:
-        shapes = [(2, first.in_channels, 64)]
-    elif first.weight.dim() == 5:
-        shapes = [(1, first.in_channels, 8, 32, 32)]
-    else:
-        shapes = [(2 if size < 100 else 1, first.in_channels, size, size) for size in _IMAGE_SIZES]
-    return [
-        ((torch.randn(s, device=like.device, dtype=like.dtype),), f"shape {s} inferred from the first layer")
-        for s in shapes
-    ]
 
 
 def example_batch(example_inputs, calibration_data: Iterable | None) -> tuple[tuple, dict, str] | None:
@@ -126,7 +101,8 @@ class Capture:
         self.source: str | None = None
         self.checked, self.disagreed = 0, 0
         tries = [(batch[0], batch[1], batch[2])] if batch is not None else [
-            (args, {}, what) for args, what in _candidates(model)
+            ((spec.random(device=next(model.parameters()).device),), {}, f"{spec} inferred from the first layer")
+            for spec in InputSpec.candidates(model, probe=True)
         ]  # fmt: skip
         watched = list(modules)
         for args, kwargs, what in tries:

@@ -47,12 +47,9 @@ class CliError(InputError):
 
 
 def _load(model: str, arch: str | None, arch_kwargs: str | None, trust_pickle: bool):
-    from cosconvert.load import LoadError, load_model, parse_kwargs
+    from cosconvert.load import load_model, parse_kwargs
 
-    try:
-        return load_model(model, arch, parse_kwargs(arch_kwargs), trust_pickle)
-    except LoadError as err:
-        raise CliError(str(err)) from err
+    return load_model(model, arch, parse_kwargs(arch_kwargs), trust_pickle)
 
 
 def _image_norm(text: str | None) -> tuple | None:
@@ -64,7 +61,9 @@ def _image_norm(text: str | None) -> tuple | None:
     except ValueError:
         values = []
     if len(values) not in (2, 6) or any(v <= 0 for v in values[len(values) // 2 :]):
-        raise CliError(f"--image-norm {text!r}: give MEAN,STD (e.g. 0.5,0.5) or three means then three positive deviations")
+        raise CliError(
+            f"--image-norm {text!r}: give MEAN,STD (e.g. 0.5,0.5) or three means then three positive deviations"
+        )
     half = len(values) // 2
     return (values[:half] * (3 // half), values[half:] * (3 // half))
 
@@ -74,7 +73,7 @@ def _settings(args) -> RunSettings:
     get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
     blocks = get("reconstruct_blocks")
     amp = get("amp", "auto")
-    return RunSettings(
+    return RunSettings.of(
         centered=get("centered", False), strip_norms=False if get("strip_norms", "off") == "off" else args.strip_norms,
         include=get("include"), exclude=get("exclude"), gain=get("gain", "channel"),
         reconstruct=get("reconstruct", False), reconstruct_blocks=[b.strip() for b in blocks.split(",")] if blocks else "auto",
@@ -194,7 +193,9 @@ def cmd_validate(args) -> int:
     args.out_dir = args.out_dir or str(path.parent)
     reference = Path(args.reference) if args.reference else path.with_name("converted.pt")
     if not reference.is_file():
-        raise CliError(f"no converted model at {reference}: give the converted.pt {path.name} came from with --reference")
+        raise CliError(
+            f"no converted model at {reference}: give the converted.pt {path.name} came from with --reference"
+        )
     pipeline = _pipeline(args, ("validate",))
     pipeline.onnx_path = path
     return _finish(args, pipeline.run(recipe=reference))
@@ -206,9 +207,7 @@ def cmd_inspect(args) -> int:
 
     original, example = _load(args.model, args.arch, args.arch_kwargs, args.trust_pickle)
     inputs = (InputSpec.parse(args.input_shape, original).random(),) if args.input_shape else example or None
-    report = cosconvert.inspect(original, centered=args.centered, include=args.include, exclude=args.exclude,
-                                strip_norms=False if args.strip_norms == "off" else args.strip_norms, gain=args.gain,
-                                example_inputs=inputs)  # fmt: skip
+    report = cosconvert.inspect(original, _settings(args).cosine, example_inputs=inputs)
     print(report.to_json() if args.json else report)
     return 0
 
@@ -219,7 +218,7 @@ def cmd_demo(args) -> int:
 
     if not args.quiet:
         print("training the example: a BatchNorm CNN on scikit-learn's digits", file=sys.stderr, flush=True)
-    settings = RunSettings(strip_norms="fold", centered=args.centered, epochs=args.epochs, lr=3e-3,
+    settings = RunSettings.of(strip_norms="fold", centered=args.centered, epochs=args.epochs, lr=3e-3,
                            verbose=not args.quiet)  # fmt: skip
     report = run(train_digits_cnn(), data="digits", settings=settings, out_dir=args.out_dir,
                  metadata={"source": "cosconvert demo: DigitsCNN trained on digits"})  # fmt: skip

@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import inspect as pyinspect
 import traceback
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import torch
 import torch.fx as fx
@@ -36,44 +36,34 @@ from torch import nn
 from cosconvert.calibration import calibrate
 from cosconvert.calls import plain_class, scoped_class
 from cosconvert.capture import Capture, example_batch, optional_inputs, quiet
+from cosconvert.config import CosineConfig
+from cosconvert.errors import first_line
 from cosconvert.layers import LAYERS, LEAVES, UNCONVERTIBLE, is_done, is_leaf, is_norm, out_units, own_forward
-from cosconvert.nn import GAINS, CosineMultiheadAttention
+from cosconvert.nn import CosineMultiheadAttention
 from cosconvert.report import ConversionReport
 from cosconvert.rewrite import GraphRewriter
-from cosconvert.selection import EXCLUDED, Selection, pattern_names
-from cosconvert.strip import STRIP_MODES, Affine, NormStripper
+from cosconvert.selection import EXCLUDED, Selection
+from cosconvert.strip import Affine, NormStripper
 from cosconvert.trace import graft, join, trace
 from cosconvert.verify import compare_with_cosine_calls, cosine_calls_output, verify
 
-__all__ = ["convert", "inspect", "report_of", "Affine", "STRIP_MODES"]
+__all__ = ["convert", "inspect", "report_of", "Affine", "CosineConfig"]
 
 
 def convert(
     model: nn.Module,
+    config: CosineConfig | None = None,
     *,
-    centered: bool = False,
-    strip_norms: bool | str = False,
-    include: Sequence[str | type] | None = None,
-    exclude: Sequence[str | type] | None = None,
-    gain: str = "channel",
-    eps: float = 1e-6,
     example_inputs: tuple | dict | torch.Tensor | None = None,
     calibration_data: Iterable | None = None,
+    **settings,
 ) -> nn.Module:
     """The cosine-normalized twin of ``model``; ``model`` itself is left unchanged.
 
     Args:
-        centered: Pearson correlation instead of cosine.
-        strip_norms: ``False`` keeps BatchNorm/LayerNorm/GroupNorm/InstanceNorm/RMSNorm;
-            ``"drop"`` removes them; ``"fold"`` removes them but keeps their learned scale
-            and shift, folded into the cosine layer they directly follow, else as an
-            :class:`Affine`.
-        include, exclude: fully-qualified-name globs (``"fc"``, ``"layer4.*"``) or module
-            types; functional calls are named ``module.path.node_name``.
-        gain: ``"channel"`` (default: a learned gain per output unit, so the converted net
-            can reach the scales its activations and logits need), ``"scalar"`` or ``"none"``
-            (the paper's exact form).
-        eps: floor of each norm.
+        config: how to convert (:class:`~cosconvert.config.CosineConfig`: ``centered``, ``gain``,
+            ``eps``, ``strip_norms``, ``include``, ``exclude``); ``settings`` given as keywords
+            (``convert(model, strip_norms="fold")``) change those fields of it.
         example_inputs: inputs to check the conversion on (a tuple of positional inputs, a
             tensor, or a dict of keyword inputs); else the first calibration batch, else inputs
             inferred from the first layer. Every traced graph is compared with its module on
@@ -86,22 +76,15 @@ def convert(
     Returns the converted module, with its :class:`ConversionReport` as ``.cosine_report``
     (also given by :func:`cosconvert.report_of`).
     """
-    if strip_norms not in STRIP_MODES:
-        raise ValueError(f"strip_norms must be one of {STRIP_MODES}, got {strip_norms!r}")
-    if gain not in GAINS:
-        raise ValueError(f"gain must be one of {GAINS}, got {gain!r}")
-    settings = {
-        "centered": centered, "strip_norms": strip_norms, "gain": gain, "eps": eps,
-        "include": pattern_names(include), "exclude": pattern_names(exclude),
-    }  # fmt: skip
-    report = ConversionReport(settings=settings)
+    config = (config or CosineConfig()).replace(**settings)
+    report = ConversionReport(settings=config.to_dict())
     if calibration_data is not None and iter(calibration_data) is calibration_data:
         calibration_data = list(calibration_data)  # a one-pass iterator: its first batch is read twice
     work = copy.deepcopy(model)
     watched = [m for m in work.modules() if not is_leaf(m) or own_forward(m)]
     batch = example_batch(example_inputs, calibration_data)
     capture = Capture(work, batch, watched)
-    walk = _Walk(report, capture, centered, strip_norms, include, exclude, gain, eps)
+    walk = _Walk(report, capture, config)
     converted = walk.run(work, "", root=True)
     report.parameters = {"original": _count(model), "converted": _count(converted)}
     report.checks = {
@@ -115,11 +98,11 @@ def convert(
         report.checks["run-time check"] = "not needed: no fallback, every layer call is a node of the graph"
     elif capture.example is not None:
         verify(converted, report, *capture.example)
-    if capture.example is not None and not strip_norms and (report.fallbacks or example_inputs is not None):
-        compare_with_cosine_calls(model, converted, report, *capture.example, centered, eps)
+    if capture.example is not None and not config.strip_norms and (report.fallbacks or example_inputs is not None):
+        compare_with_cosine_calls(model, converted, report, *capture.example, config)
     _attach(converted, report)
     if example_inputs is not None:
-        _check_outputs(model, converted, batch[0], batch[1], centered, eps)
+        _check_outputs(model, converted, batch[0], batch[1], config)
     if calibration_data is not None:
         calibrate(converted, model, calibration_data)
     return converted
@@ -133,10 +116,10 @@ def report_of(model: nn.Module) -> ConversionReport:
     return report
 
 
-def inspect(model: nn.Module, **kwargs) -> ConversionReport:
+def inspect(model: nn.Module, config: CosineConfig | None = None, **kwargs) -> ConversionReport:
     """What :func:`convert` would do to ``model`` with these arguments, changing nothing."""
     kwargs.pop("calibration_data", None)
-    return report_of(convert(model, **kwargs))
+    return report_of(convert(model, config, **kwargs))
 
 
 class _Walk:
@@ -144,22 +127,11 @@ class _Walk:
     It writes each decision to ``report``; selection, stripping and the graph rewrite are
     delegated to the objects it holds, which write to the same report."""
 
-    def __init__(
-        self,
-        report: ConversionReport,
-        capture: Capture,
-        centered: bool,
-        strip_norms: bool | str,
-        include: Sequence[str | type] | None,
-        exclude: Sequence[str | type] | None,
-        gain: str,
-        eps: float,
-    ) -> None:
-        self.report, self.capture = report, capture
-        self.centered, self.gain, self.eps = centered, gain, eps
-        self.stripper = NormStripper(strip_norms, report)
-        self.selected = Selection(include, exclude)
-        self.rewriter = GraphRewriter(report, self.selected, self.stripper, centered, gain, eps)
+    def __init__(self, report: ConversionReport, capture: Capture, config: CosineConfig) -> None:
+        self.report, self.capture, self.config = report, capture, config
+        self.stripper = NormStripper(config, report)
+        self.selected = Selection(config)
+        self.rewriter = GraphRewriter(report, self.selected, self.stripper, config)
         self._in_fallback = 0  # > 0 while converting the children of a module run under CosineCalls
 
     def run(self, module: nn.Module, path: str, root: bool = False) -> nn.Module:
@@ -189,7 +161,7 @@ class _Walk:
         try:
             gm = trace(module)
         except Exception as err:  # noqa: BLE001 - any failure to trace means fallback
-            return self.fallback(module, path, _reason(err), _user_location(err))
+            return self.fallback(module, path, first_line(err, with_type=True), _user_location(err))
         mismatch = self.capture.check(gm, module)
         if mismatch is not None:
             return self.fallback(module, path, mismatch, _forward_location(module))
@@ -218,7 +190,7 @@ class _Walk:
             self._skip(name, type(m).__name__, EXCLUDED)
             return m
         try:
-            twin = twin_cls.from_module(m, centered=self.centered, gain=self.gain, eps=self.eps)
+            twin = twin_cls.from_module(m, **self.config.layer)
         except (NotImplementedError, TypeError) as err:
             self._skip(name, type(m).__name__, str(err))
             return m
@@ -243,7 +215,7 @@ class _Walk:
             + "; its functional normalizers are kept; nothing folded",
         })  # fmt: skip
         # Calls on the weights of layers left as dot products stay plain under the fallback's CosineCalls.
-        module._cosine_plain = tuple(
+        module.cosine_plain = tuple(
             join(owner, pname)
             for owner, m in module.named_modules()
             for pname, _ in m.named_parameters(recurse=False)
@@ -255,8 +227,8 @@ class _Walk:
         finally:
             self._in_fallback -= 1
         if own_forward(module):  # a layer: its calls are its own, with its gain
-            units = out_units(module) if self.gain == "channel" else 1
-            if self.gain != "none" and units:
+            units = out_units(module) if self.config.gain == "channel" else 1
+            if self.config.gain != "none" and units:
                 like = module.weight
                 module.register_parameter(
                     "cosine_gain", nn.Parameter(torch.ones(units, device=like.device, dtype=like.dtype))
@@ -265,17 +237,12 @@ class _Walk:
                 "name": path, "kind": "run-time", "source": type(module).__name__,
                 "target": "CosineCalls (its forward, with its own padding and weight transform)",
             })  # fmt: skip
-        module._cosine_settings = (self.centered, self.eps)
         module.__class__ = scoped_class(type(module))
+        module.cosine_config = self.config
         return module
 
     def _skip(self, name: str, kind: str, reason: str) -> None:
         self.report.skipped.append({"name": name, "type": kind, "reason": reason})
-
-
-def _reason(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def _user_location(err: BaseException) -> str:
@@ -317,7 +284,7 @@ def _attach(converted: nn.Module, report: ConversionReport) -> None:
         preserved["cosine_report"] = report
 
 
-def _check_outputs(model: nn.Module, converted: nn.Module, args: tuple, kwargs: dict, centered: bool, eps: float) -> None:
+def _check_outputs(model: nn.Module, converted: nn.Module, args: tuple, kwargs: dict, config: CosineConfig) -> None:
     """The converted model's outputs have the original's shapes, or, where the network computes a
     length (a duration predictor), those of the original run with cosine calls."""
     shapes = lambda out: [t.shape for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]  # noqa: E731
@@ -325,5 +292,5 @@ def _check_outputs(model: nn.Module, converted: nn.Module, args: tuple, kwargs: 
         ref = shapes(model(*args, **kwargs))
     with quiet(converted):
         out = shapes(converted(*args, **kwargs))
-    if ref != out and shapes(cosine_calls_output(model, args, kwargs, centered, eps)) != out:
+    if ref != out and shapes(cosine_calls_output(model, args, kwargs, config)) != out:
         raise RuntimeError(f"converted model's outputs {out} differ in shape from the original's {ref}")

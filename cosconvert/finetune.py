@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 from tqdm.auto import tqdm
 
-from cosconvert.agreement import first_output
+from cosconvert.agreement import Agreement, first_output, score
 from cosconvert.amp import mixed_precision
 from cosconvert.atomic import atomic_write, remove_partial
 from cosconvert.data import batch_inputs
@@ -65,29 +65,32 @@ def _to(batch, device):
 
 
 @torch.no_grad()
+@torch.no_grad()
 def evaluate(model: nn.Module, data, teacher: nn.Module | None = None) -> dict:
-    """Accuracy (where batches carry labels) and top-1 agreement with ``teacher``, in percent."""
+    """Accuracy (%, where batches carry labels), and with a ``teacher`` the headline agreement with it
+    (:func:`cosconvert.agreement.score`: top-1 agreement % for a classifier, per-unit agreement % for
+    sigmoid outputs, output cosine for embeddings)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    correct = agree = count = labelled = 0
+    correct = labelled = 0
+    running = Agreement()
     for batch in data:
         batch = _to(batch, device)
         inputs, y = batch_inputs(batch), _labels(batch)
-        pred = first_output(model(*inputs)).argmax(1)
-        count += pred.shape[0]
+        out = model(*inputs)
         if y is not None:
-            correct += (pred == y).sum().item()
+            correct += (first_output(out).argmax(1) == y).sum().item()
             labelled += y.shape[0]
         if teacher is not None:
-            agree += (pred == first_output(teacher.eval()(*inputs)).argmax(1)).sum().item()
+            running.add(teacher.eval()(*inputs), out)
     model.train(was_training)
-    out = {}
+    result = {}
     if labelled:
-        out["accuracy"] = round(100.0 * correct / labelled, 2)
+        result["accuracy"] = round(100.0 * correct / labelled, 2)
     if teacher is not None:
-        out["teacher_agreement"] = round(100.0 * agree / count, 2)
-    return out
+        result["teacher_agreement"] = score(running.result())[0]
+    return result
 
 
 def _distributed() -> tuple[int, int]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
 
 from cosconvert.errors import InputError
 
@@ -72,20 +73,34 @@ class InputSpec:
         return cls.of(shape, example.dtype, model)
 
     @classmethod
+    def candidates(cls, model: nn.Module, probe: bool = False) -> list[InputSpec]:
+        """What the model's first embedding, linear or conv layer takes, likeliest first: token ids
+        (2, 16), vectors, signals of 128, volumes, images at 224x224 (``probe``: 32x32 first, which is
+        faster to run, then 224 at batch 1). Floats in the layer's dtype; [] without such a layer."""
+        first = next((m for m in model.modules() if isinstance(m, (nn.Embedding, _ConvNd, nn.Linear))), None)
+        if first is None or first.weight.is_meta:
+            return []
+        if isinstance(first, nn.Embedding):
+            return [cls.of((EXAMPLE_BATCH, 16), torch.int64, model)]
+        dtype = first.weight.dtype
+        if isinstance(first, nn.Linear):
+            shapes = [(EXAMPLE_BATCH, first.in_features)]
+        elif first.weight.dim() == 3:
+            shapes = [(EXAMPLE_BATCH, first.in_channels, 128)]
+        elif first.weight.dim() == 5:
+            shapes = [(1, first.in_channels, 8, 32, 32) if probe else (EXAMPLE_BATCH, first.in_channels, 16, 64, 64)]
+        else:
+            channels = first.in_channels
+            shapes = [(EXAMPLE_BATCH, channels, 32, 32), (1, channels, 224, 224)] if probe else [(EXAMPLE_BATCH, channels, 224, 224)]
+        return [cls(shape, dtype) for shape in shapes]
+
+    @classmethod
     def guess(cls, model: nn.Module) -> InputSpec:
-        """From the first embedding, linear or conv layer: token ids (2, 16), images 224x224, signals 128."""
-        for m in model.modules():
-            if isinstance(m, nn.Embedding):
-                return cls.of((EXAMPLE_BATCH, 16), torch.int64, model)
-            if isinstance(m, nn.Conv2d):
-                return cls((EXAMPLE_BATCH, m.in_channels, 224, 224))
-            if isinstance(m, nn.Conv1d):
-                return cls((EXAMPLE_BATCH, m.in_channels, 128))
-            if isinstance(m, nn.Conv3d):
-                return cls((EXAMPLE_BATCH, m.in_channels, 16, 64, 64))
-            if isinstance(m, nn.Linear):
-                return cls((EXAMPLE_BATCH, m.in_features))
-        raise InputError("cannot infer the input shape: give --input-shape, e.g. 2,3,224,224 or 2,16:int64")
+        """The likeliest of :meth:`candidates`."""
+        found = cls.candidates(model)
+        if not found:
+            raise InputError("cannot infer the input shape: give --input-shape, e.g. 2,3,224,224 or 2,16:int64")
+        return found[0]
 
     def at_batch(self, batch: int) -> InputSpec:
         return replace(self, shape=(batch, *self.shape[1:]))

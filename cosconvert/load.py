@@ -20,10 +20,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cosconvert.errors import InputError, first_line
+
 __all__ = ["LoadError", "load_model", "build_arch"]
 
 
-class LoadError(ValueError):
+class LoadError(InputError):
     """A model that cannot be loaded, with what to do about it."""
 
 
@@ -97,17 +99,12 @@ def build_arch(spec: str, kwargs: dict | None = None) -> nn.Module:
     except LoadError:
         raise
     except (ImportError, AttributeError) as err:
-        raise LoadError(f"--arch {spec!r} cannot be imported: {_first_line(err)}") from err
+        raise LoadError(f"--arch {spec!r} cannot be imported: {first_line(err, with_type=True)}") from err
     except Exception as err:  # noqa: BLE001 - the user's constructor can raise anything
-        raise LoadError(f"--arch {spec!r} could not be built with {kwargs}: {_first_line(err)}") from err
+        raise LoadError(f"--arch {spec!r} could not be built with {kwargs}: {first_line(err, with_type=True)}") from err
     if not isinstance(model, nn.Module):
         raise LoadError(f"--arch {spec!r} returned {type(model).__name__}, not an nn.Module")
     return model
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
 def _kind(path: Path) -> str:
@@ -151,7 +148,9 @@ def _load_weights(path: Path, kind: str, trust_pickle: bool):
             "pass --trust-pickle if you trust this file, or save model.state_dict() and use --arch"
         ) from err
     except Exception as err:  # noqa: BLE001 - a text file named .pt fails with KeyError, IndexError, ...
-        raise LoadError(f"{path} is corrupt or truncated, or not a PyTorch file ({_first_line(err)})") from err
+        raise LoadError(
+            f"{path} is corrupt or truncated, or not a PyTorch file ({first_line(err, with_type=True)})"
+        ) from err
 
 
 def _looks_like_text(path: Path) -> bool:

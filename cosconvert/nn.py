@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cosconvert import functional as CF
+from cosconvert.config import GAINS
 
 __all__ = [
     "CosineLinear",
@@ -28,8 +29,6 @@ __all__ = [
     "CosineMultiheadAttention",
     "GAINS",
 ]
-
-GAINS = ("none", "scalar", "channel")
 
 
 def _make_gain(gain: str, units: int, like: Tensor) -> nn.Parameter | None:

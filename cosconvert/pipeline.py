@@ -1,7 +1,6 @@
 """``cosconvert.run``: the whole pipeline as one library call.
 
-    report = cosconvert.run(model, data="train.npz", settings=RunSettings(strip_norms="fold", epochs=3),
-                            out_dir="net-cosine")
+    report = cosconvert.run(model, data="train.npz", strip_norms="fold", epochs=3, out_dir="net-cosine")
     report.validation["status"], report.files
 
 It converts the model (and calibrates it on the data), reconstructs it block by block if asked,
@@ -22,12 +21,13 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from cosconvert.config import CosineConfig
 from cosconvert.errors import INCONCLUSIVE, VALIDATION_FAILED, InputError, Interrupted, OutputError, first_line
 from cosconvert.inputs import InputSpec
 
@@ -39,17 +39,14 @@ VALIDATION_BATCHES = (1, 8)  # batch sizes validation feeds (a dynamic batch is 
 
 @dataclass
 class RunSettings:
-    """Every setting of a run, validated once. Conversion: as :func:`cosconvert.convert`.
+    """Every setting of a run, validated once. ``cosine``: how to convert (:class:`CosineConfig`).
     ``reconstruct``: block by block after calibration (``reconstruct_blocks``: "auto" or names).
     Fine-tuning: ``epochs`` (0: none), by distillation from the original unless ``distill=False``.
     Export: ``fp16``, ``inline`` (plain ONNX ops instead of the cosine functions),
-    ``dynamic_batch``. ``providers``: onnxruntime providers to validate on ("auto", or names)."""
+    ``dynamic_batch``. ``providers``: onnxruntime providers to validate on ("auto", or names).
+    :meth:`of` takes all of them as flat keywords."""
 
-    centered: bool = False
-    strip_norms: bool | str = False
-    include: list[str] | None = None
-    exclude: list[str] | None = None
-    gain: str = "channel"
+    cosine: CosineConfig = field(default_factory=CosineConfig)
     reconstruct: bool = False
     reconstruct_blocks: str | list[str] = "auto"
     epochs: int = 0
@@ -68,22 +65,26 @@ class RunSettings:
     verbose: bool = True
 
     def __post_init__(self) -> None:
-        from cosconvert.nn import GAINS
-        from cosconvert.strip import STRIP_MODES
-
-        if self.strip_norms not in STRIP_MODES:
-            raise InputError(f"strip_norms must be one of {STRIP_MODES}, got {self.strip_norms!r}")
-        if self.gain not in GAINS:
-            raise InputError(f"gain must be one of {GAINS}, got {self.gain!r}")
+        if not isinstance(self.cosine, CosineConfig):
+            raise InputError(f"cosine must be a CosineConfig, got {type(self.cosine).__name__}")
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
             raise InputError("epochs must be 0 or more, batch_size at least 1, and lr positive")
         if self.reconstruct_blocks != "auto":
             self.reconstruct = True  # naming the blocks asks for reconstruction
 
-    def conversion(self) -> dict:
-        """The keyword arguments of :func:`cosconvert.convert`."""
-        return {"centered": self.centered, "strip_norms": self.strip_norms, "include": self.include,
-                "exclude": self.exclude, "gain": self.gain}  # fmt: skip
+    @classmethod
+    def of(cls, **settings) -> RunSettings:
+        """The settings from flat keywords: :class:`CosineConfig`'s (``strip_norms="fold"``) and this
+        class's (``epochs=3``)."""
+        names = {f.name for f in fields(CosineConfig)}
+        unknown = set(settings) - names - {f.name for f in fields(cls)}
+        if unknown:
+            raise InputError(f"unknown settings {sorted(unknown)}; see help(cosconvert.RunSettings)")
+        try:
+            cosine = CosineConfig(**{k: v for k, v in settings.items() if k in names})
+        except ValueError as err:
+            raise InputError(str(err)) from err
+        return cls(cosine=cosine, **{k: v for k, v in settings.items() if k not in names})
 
 
 @dataclass
@@ -143,7 +144,9 @@ def out_folder(path: Path) -> Path:
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
             pass
     except OSError as err:
-        raise OutputError(f"cannot write to output folder {path} ({err.strerror}); choose another with --out-dir") from err
+        raise OutputError(
+            f"cannot write to output folder {path} ({err.strerror}); choose another with --out-dir"
+        ) from err
     return path
 
 
@@ -195,7 +198,9 @@ class Pipeline:
         self.spec = self._input_spec(inputs, example)
         _check_runs(self.original, self.spec)
         self.say = _Steps(1 + len(self.steps), settings.verbose)
-        self.say(f"loaded {source} ({sum(p.numel() for p in self.original.parameters()):,} parameters), input {self.spec}")
+        self.say(
+            f"loaded {source} ({sum(p.numel() for p in self.original.parameters()):,} parameters), input {self.spec}"
+        )
         self.batch_sizes = _batch_sizes(self.original, self.spec)
         self.evaluated_on = evaluated_on or f"random example inputs {self.spec.at_batch(self.batch_sizes[-1])}"
         self.converted: nn.Module | None = None
@@ -300,9 +305,11 @@ class Pipeline:
         s = self.settings
         self.say("converting" + (" and calibrating" if self.data is not None else ""))
         device = _device_of(self.original)
-        calibration = None if self.data is None else [batch_inputs(b)[0].to(device) for _, b in zip(range(8), self.data)]
+        calibration = (
+            None if self.data is None else [batch_inputs(b)[0].to(device) for _, b in zip(range(8), self.data)]
+        )
         example = self.spec.random(torch.Generator().manual_seed(0), device) if calibration is None else calibration[0]
-        self.converted = cosconvert.convert(self.original, **s.conversion(), example_inputs=example)
+        self.converted = cosconvert.convert(self.original, s.cosine, example_inputs=example)
         self.say.note(self.converted.cosine_report.summary())
         stage = "converted"
         self.measure(stage)
@@ -464,7 +471,8 @@ def run(
         inputs: the example input: an :class:`~cosconvert.inputs.InputSpec`, a shape (batch first, float),
             or ``"2,16:int64"`` (token ids of the model's vocabulary); default: the data's, else guessed
             from the first layer (an embedding: token ids).
-        settings: a :class:`RunSettings`; or give its fields as keywords (``epochs=3, strip_norms="fold"``).
+        settings: a :class:`RunSettings`; or give its fields and :class:`CosineConfig`'s as keywords
+            (``epochs=3, strip_norms="fold"``).
         steps: which of :data:`STEPS` to run (fine-tuning only where ``epochs`` > 0).
         metadata: recorded in the ONNX file (its source, for ``cosconvert validate``).
 
@@ -472,7 +480,7 @@ def run(
     :class:`~cosconvert.errors.InputError` on inputs that do not fit, and
     :class:`~cosconvert.errors.OutputError` where ``out_dir`` cannot be written.
     """
-    settings = settings or RunSettings(**kwargs)
+    settings = settings or RunSettings.of(**kwargs)
     steps = tuple(s for s in steps if s != "finetune" or settings.epochs > 0)
     return Pipeline(model, settings, out_dir, data=data, inputs=inputs, steps=steps, metadata=metadata,
                     source=type(model).__name__).run()  # fmt: skip

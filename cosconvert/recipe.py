@@ -1,19 +1,19 @@
 """Save a converted model as its recipe plus tensors; restore it onto a freshly built original.
 
-The file holds only plain data (the :func:`convert` arguments and a ``state_dict``), so
+The file holds only plain data (the :class:`CosineConfig` as a dict and a ``state_dict``), so
 it loads with ``torch.load(weights_only=True)`` and no code is ever unpickled. Restoring
 replays the recipe on the original architecture, which the user builds with their own code.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import torch
 from torch import nn
 
 from cosconvert.atomic import atomic_write
+from cosconvert.config import CosineConfig
 from cosconvert.convert import convert, report_of
 
 FORMAT = "cosconvert-recipe/1"
@@ -35,28 +35,14 @@ def load_recipe(path: str | os.PathLike) -> dict:
     return payload
 
 
-def _types(names):
-    if names is None:
-        return None
-    out = []
-    for name in names:
-        if ":" in name:
-            module, _, qualname = name.partition(":")
-            obj = importlib.import_module(module)
-            for part in qualname.split("."):
-                obj = getattr(obj, part)
-            out.append(obj)
-        else:
-            out.append(name)
-    return out
-
-
 def restore(original: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Re-apply the saved recipe to ``original`` (a freshly built model) and load the saved weights."""
     payload = load_recipe(path)
-    recipe = dict(payload["recipe"])
-    recipe["include"], recipe["exclude"] = _types(recipe["include"]), _types(recipe["exclude"])
-    converted = convert(original, **recipe)
+    try:
+        config = CosineConfig.from_dict(payload["recipe"])
+    except (ValueError, ImportError, AttributeError) as err:
+        raise ValueError(f"{path} holds conversion settings this cosconvert cannot read: {err}") from err
+    converted = convert(original, config)
     device = next(original.parameters(), torch.empty(0)).device
     converted.load_state_dict({k: v.to(device) for k, v in payload["state_dict"].items()})
     return converted

@@ -41,6 +41,7 @@ from cosconvert.calls import (
     product,
     scoped_function,
 )
+from cosconvert.config import CosineConfig
 from cosconvert.layers import is_norm
 from cosconvert.nn import _CosineMixin
 from cosconvert.report import ConversionReport
@@ -57,12 +58,10 @@ class GraphRewriter:
         report: ConversionReport,
         selected: Selection,
         stripper: NormStripper,
-        centered: bool,
-        gain: str,
-        eps: float,
+        config: CosineConfig,
     ) -> None:
         self.report, self.selected, self.stripper = report, selected, stripper
-        self.centered, self.gain, self.eps = centered, gain, eps
+        self.config, self.gain = config, config.gain
         self._new_gains = 0
 
     def rewrite(self, gm: fx.GraphModule, prefix: str, units: int | None = None, in_fallback: bool = False) -> None:
@@ -80,8 +79,10 @@ class GraphRewriter:
                 self.stripper.strip_function(gm, node, prefix)
             elif _product_target(node) is not None:
                 self.rewrite_product(gm, node, prefix, in_fallback)
-            elif node.op == "call_function" and node.target in UNCONVERTED and any(
-                _weight_view(gm, a) is not None for a in _flat(node.args[1:])
+            elif (
+                node.op == "call_function"
+                and node.target in UNCONVERTED
+                and any(_weight_view(gm, a) is not None for a in _flat(node.args[1:]))
             ):
                 self.report.skipped.append({
                     "name": join(prefix, node_path(node)), "type": function_name(node.target),
@@ -112,7 +113,7 @@ class GraphRewriter:
             weight = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
         gain = self.gain_node(gm, node, weight, units, addmm) if self.gain != "none" else None
         node.target = cosine_addmm if addmm else TWINS[node.target]
-        node.kwargs = {**node.kwargs, "centered": self.centered, "eps": self.eps, "gain": gain}
+        node.kwargs = {**node.kwargs, "centered": self.config.centered, "eps": self.config.eps, "gain": gain}
         self.report.converted.append(
             {"name": name, "kind": "functional", "source": source, "target": node.target.__name__}
         )
@@ -139,7 +140,9 @@ class GraphRewriter:
         activation is listed as skipped."""
         target = _product_target(node)
         weights = {}
-        found = product(target, node.args, node.kwargs, lambda n: weights.setdefault(n, _weight_view(gm, n)) is not None)
+        found = product(
+            target, node.args, node.kwargs, lambda n: weights.setdefault(n, _weight_view(gm, n)) is not None
+        )
         name = join(prefix, node_path(node))
         if found is None:
             if sum(w is not None for w in weights.values()) == 1:  # a weight, in a product that is no layer
@@ -166,7 +169,13 @@ class GraphRewriter:
             node.target, node.args = CF.cosine_einsum, (node.args[0], *found.args)
         else:
             node.target, node.args = found.twin, tuple(found.args)
-        node.kwargs = {**found.kwargs, "weight": found.weight, "centered": self.centered, "eps": self.eps, "gain": gain}
+        node.kwargs = {
+            **found.kwargs,
+            "weight": found.weight,
+            "centered": self.config.centered,
+            "eps": self.config.eps,
+            "gain": gain,
+        }
         self.report.converted.append(
             {"name": name, "kind": "functional", "source": function_name(target), "target": node.target.__name__}
         )
@@ -193,7 +202,7 @@ class GraphRewriter:
             "name": name, "kind": "run-time", "source": node.target.__name__,
             "target": "CosineCalls (its F.linear/conv calls, if any)",
         })  # fmt: skip
-        node.target = scoped_function(node.target, self.centered, self.eps)
+        node.target = scoped_function(node.target, self.config)
         node.args = (tuple(pairs), *node.args)
 
 
@@ -235,7 +244,9 @@ def _weight_view(gm: fx.GraphModule, node) -> torch.Tensor | None:
     if not isinstance(node, fx.Node) or not node.args:
         return None
     view = node.op == "call_method" and node.target in _VIEW_METHODS
-    view |= node.op == "call_function" and (node.target in _VIEW_FUNCTIONS or (node.target is builtins.getattr and node.args[1] in ("T", "mT")))
+    view |= node.op == "call_function" and (
+        node.target in _VIEW_FUNCTIONS or (node.target is builtins.getattr and node.args[1] in ("T", "mT"))
+    )
     if not view:
         return None
     base = _weight_view(gm, node.args[0])

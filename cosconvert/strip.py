@@ -17,13 +17,13 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from cosconvert.config import CosineConfig
 from cosconvert.nn import CosineConv1d, CosineConv2d, CosineConv3d, CosineLinear, _CosineMixin
 from cosconvert.report import ConversionReport
 from cosconvert.trace import from_constants, function_name, join, node_path
 
-__all__ = ["Affine", "NormStripper", "STRIP_MODES"]
+__all__ = ["Affine", "NormStripper"]
 
-STRIP_MODES = (False, "drop", "fold")
 
 # Functional normalizers: target -> (index of weight, index of bias or None, channel dim of the affine).
 NORM_FUNCTIONS = {
@@ -81,11 +81,11 @@ def _norm_channel_dim(norm: nn.Module) -> int:
 
 
 class NormStripper:
-    """Strips the normalizers of one conversion as ``mode`` says (one of :data:`STRIP_MODES`),
-    writing what it did to ``report.stripped``."""
+    """Strips the normalizers of one conversion as ``config.strip_norms`` says, writing what it
+    did to ``report.stripped``."""
 
-    def __init__(self, mode: bool | str, report: ConversionReport) -> None:
-        self.mode, self.report = mode, report
+    def __init__(self, config: CosineConfig, report: ConversionReport) -> None:
+        self.mode, self.report = config.strip_norms, report
 
     def strip_leaf(self, norm: nn.Module, name: str) -> nn.Module:
         """A normalizer outside any graph: dropped, or its affine kept (nothing to fold into)."""

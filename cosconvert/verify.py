@@ -21,6 +21,8 @@ from torch.utils._pytree import tree_leaves
 
 from cosconvert.calls import CosineCalls, DotProductCalls
 from cosconvert.capture import quiet
+from cosconvert.config import CosineConfig
+from cosconvert.errors import first_line
 from cosconvert.report import ConversionReport
 
 __all__ = ["verify", "cosine_calls_output", "compare_with_cosine_calls"]
@@ -50,9 +52,8 @@ def verify(converted: nn.Module, report: ConversionReport, args: tuple, kwargs: 
         with quiet(converted), spy:
             converted(*args, **kwargs)
     except Exception as err:  # noqa: BLE001 - say so, do not fail the conversion
-        first = (str(err).strip().splitlines() or [""])[0]
         report.checks["run-time check"] = (
-            f"the converted model failed on the example inputs: {type(err).__name__}: {first}"
+            f"the converted model failed on the example inputs: {first_line(err, with_type=True)}"
         )
         return
     finally:
@@ -91,13 +92,13 @@ class _Attributing(DotProductCalls):
         calls.append((func, owner or "<root>"))
 
 
-def cosine_calls_output(original: nn.Module, args: tuple, kwargs: dict, centered: bool, eps: float, plain=()):
+def cosine_calls_output(original: nn.Module, args: tuple, kwargs: dict, config: CosineConfig, plain=()):
     """``original``'s output with every dot-product call run as its cosine (gain 1), its calls on the
     weights in ``plain`` (layers left as dot products) as they are; ``original`` is left unchanged."""
     mha = torch.backends.mha  # the fast path runs attention in one op that no mode sees into
     fastpath, mha._is_fastpath_enabled = mha._is_fastpath_enabled, False
     try:
-        with quiet(original), CosineCalls(centered, eps, plain=plain):
+        with quiet(original), CosineCalls(config, plain=plain):
             return original(*args, **kwargs)
     finally:
         mha._is_fastpath_enabled = fastpath
@@ -105,7 +106,7 @@ def cosine_calls_output(original: nn.Module, args: tuple, kwargs: dict, centered
 
 def compare_with_cosine_calls(
     original: nn.Module, converted: nn.Module, report: ConversionReport, args: tuple, kwargs: dict,
-    centered: bool, eps: float,
+    config: CosineConfig,
 ) -> None:  # fmt: skip
     """Write to ``report.checks["cosine check"]`` how far ``converted`` (its gains at 1, norms kept) is
     from ``original`` run with cosine calls on the example inputs, and warn where they part."""
@@ -116,18 +117,20 @@ def compare_with_cosine_calls(
         return
     plain = [p for m in skipped for p in m.parameters()]
     try:
-        want = cosine_calls_output(original, args, kwargs, centered, eps, plain)
+        want = cosine_calls_output(original, args, kwargs, config, plain)
         with quiet(converted):
             got = converted(*args, **kwargs)
     except Exception as err:  # noqa: BLE001 - say so, do not fail the conversion
-        first = (str(err).strip().splitlines() or [""])[0]
-        report.checks["cosine check"] = f"not run: {type(err).__name__}: {first}"
+        report.checks["cosine check"] = f"not run: {first_line(err, with_type=True)}"
         return
     want, got = _floats(want), _floats(got)
     if [t.shape for t in want] != [t.shape for t in got] or not want:
         report.checks["cosine check"] = "not run: the outputs differ in shape (a length the network computes)"
         return
-    rel = max(float((g.double() - w.double()).abs().max() / w.double().abs().max().clamp_min(1e-30)) for w, g in zip(want, got))
+    rel = max(
+        float((g.double() - w.double()).abs().max() / w.double().abs().max().clamp_min(1e-30))
+        for w, g in zip(want, got)
+    )
     if rel > PARTS:
         report.checks["cosine check"] = (
             f"PARTS: the converted model differs from the original run with cosine calls by {rel:.1e} "

@@ -9,7 +9,7 @@ from torch import nn
 
 import cosconvert
 from cosconvert.agreement import agreement
-from cosconvert.convert import STRIP_MODES
+from cosconvert.config import STRIP_MODES
 from cosconvert.nn import CosineConv2d, CosineLinear
 
 

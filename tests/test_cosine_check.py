@@ -9,6 +9,7 @@ import transformers
 from test_products import Products
 
 import cosconvert
+from cosconvert.config import CosineConfig
 from cosconvert.report import ConversionReport
 from cosconvert.verify import compare_with_cosine_calls
 
@@ -28,7 +29,7 @@ def test_a_dot_product_left_plain_is_flagged():
     partial = cosconvert.convert(model, exclude=["einsum"], gain="none", example_inputs=(x,))
     report = ConversionReport(skipped=[{"name": "up", "type": "ConvTranspose2d", "reason": "transposed"}])
     with pytest.warns(UserWarning, match="PARTS"):
-        compare_with_cosine_calls(model, partial, report, (x,), {}, False, 1e-6)
+        compare_with_cosine_calls(model, partial, report, (x,), {}, CosineConfig())
     assert report.checks["cosine check"].startswith("PARTS"), report.checks
 
 

@@ -32,6 +32,7 @@ from faithful_reference import reference_outputs
 from torch import nn
 
 import cosconvert
+from cosconvert.errors import first_line
 
 REL_TOL = 1e-4
 
@@ -295,8 +296,7 @@ def recording(kind: str, family: str, name: str):
         yield row
     except BaseException as err:
         last = traceback.extract_tb(err.__traceback__)[-1]
-        first_line = (str(err).strip().splitlines() or [""])[0]
-        row["error"] = f"{type(err).__name__}: {first_line} ({os.path.basename(last.filename)}:{last.lineno})"
+        row["error"] = f"{first_line(err, with_type=True)} ({os.path.basename(last.filename)}:{last.lineno})"
         raise
     finally:
         record(**row)

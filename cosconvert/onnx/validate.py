@@ -50,6 +50,8 @@ import torch
 from torch import nn
 
 from cosconvert import functional as CF
+from cosconvert.agreement import Agreement
+from cosconvert.errors import first_line
 from cosconvert.onnx.functions import DOMAIN
 
 __all__ = ["validate", "fidelity", "ValidationReport", "available_providers", "TOLERANCES", "SPREAD_FACTOR"]
@@ -137,7 +139,9 @@ class ValidationReport:
         for r in self.results:
             top1 = "-" if r.top1_agreement is None else f"{r.top1_agreement:.1f}"
             if r.not_run:
-                lines.append(f"{r.provider:28} {'-':>10} {'-':>10} {'-':>9} {'-':>8} {'-':>8}  {'-':>11}  FAIL: {r.not_run}")
+                lines.append(
+                    f"{r.provider:28} {'-':>10} {'-':>10} {'-':>9} {'-':>8} {'-':>8}  {'-':>11}  FAIL: {r.not_run}"
+                )
                 continue
             verdict = "pass" if r.passed else f"FAIL (first divergence: {r.first_divergence})"
             lines.append(
@@ -392,26 +396,18 @@ def fidelity(converted: nn.Module, original: nn.Module, inputs: list) -> dict:
 
 
 def _fidelity(converted, original) -> dict:
-    """Output cosine (mean over samples), top-1 agreement (%) and max relative error of converted against original."""
-    cosines, agree, count, worst = [], 0, 0, 0.0
+    """Output cosine (mean over outputs of the mean over samples), top-1 agreement (%, of the first
+    output where it holds class scores, else None; :class:`~cosconvert.agreement.Agreement`) and max
+    relative error of converted against original, each a list (per batch) of lists of output arrays."""
+    runs = [Agreement() for _ in original[0]]
+    worst = 0.0
     for outs, refs in zip(converted, original):
-        for out, ref in zip(outs, refs):
+        for run, out, ref in zip(runs, outs, refs):
             worst = max(worst, float(np.abs(out - ref).max()) / (float(np.abs(ref).max()) or 1.0))
-            cosines.extend(_row_cosines(out, ref))
-            if ref.ndim == 2 and ref.shape[1] > 1:
-                agree += int((out.argmax(1) == ref.argmax(1)).sum())
-                count += ref.shape[0]
-    return {"cosine": float(np.mean(cosines)), "top1_agreement": 100.0 * agree / count if count else None,
-            "max_rel_error": worst}  # fmt: skip
-
-
-def _row_cosines(a: np.ndarray, b: np.ndarray) -> list[float]:
-    a, b = (
-        a.reshape(a.shape[0], -1) if a.ndim else a.reshape(1, 1),
-        b.reshape(b.shape[0], -1) if b.ndim else b.reshape(1, 1),
-    )
-    norms = np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
-    return ((a * b).sum(1) / norms).tolist()
+            run.add(torch.from_numpy(np.asarray(ref)), torch.from_numpy(np.asarray(out)))
+    results = [run.result(rounded=False) for run in runs]
+    return {"cosine": float(np.mean([r["output_cosine"] for r in results])),
+            "top1_agreement": results[0].get("top1_agreement"), "max_rel_error": worst}  # fmt: skip
 
 
 def _placement(profile: str, provider: str) -> tuple[str, int]:
@@ -443,7 +439,7 @@ def _run_provider(path, provider, batches, expected, tol, repeat) -> ProviderRes
         try:
             session = _session(path, provider, options)
         except Exception as err:  # noqa: BLE001 - a provider that cannot start ran nothing
-            return _not_run(provider, f"not loaded: {(str(err).strip().splitlines() or [''])[0][:200]}")
+            return _not_run(provider, f"not loaded: {first_line(err)[:200]}")
         if provider not in session.get_providers():
             return _not_run(provider, "not loaded: onnxruntime fell back to the CPU (this build or machine lacks it)")
         names = [i.name for i in session.get_inputs()]
@@ -451,30 +447,23 @@ def _run_provider(path, provider, batches, expected, tol, repeat) -> ProviderRes
         placement, on = _placement(session.end_profiling(), provider)
     if on == 0:
         return _not_run(provider, f"ran none of the file's nodes ({placement})")
-    max_abs = max_rel = 0.0
-    cos_all, agree, count, times = [], 0, 0, []
-    top1, passed = None, True
+    max_abs, ran, times, passed = 0.0, [], [], True
     for i, (arrays, refs) in enumerate(zip(batches, expected)):
         feed = dict(zip(names, arrays))
-        outs = first if i == 0 else session.run(None, feed)
+        outs = [o.astype(np.float64) for o in (first if i == 0 else session.run(None, feed))]
+        ran.append(outs)
         for _ in range(repeat):
             start = time.perf_counter()
             session.run(None, feed)
             times.append(time.perf_counter() - start)
         for out, ref in zip(outs, refs):
-            out = out.astype(np.float64)
             err = float(np.abs(out - ref).max())
-            scale = float(np.abs(ref).max()) or 1.0
-            max_abs, max_rel = max(max_abs, err), max(max_rel, err / scale)
+            max_abs = max(max_abs, err)
             passed = passed and err <= tol["atol"] + tol["rtol"] * float(np.abs(ref).max())
-            cos_all.extend(_row_cosines(out, ref))
-            if ref.ndim == 2 and ref.shape[1] > 1:
-                agree += int((out.argmax(1) == ref.argmax(1)).sum())
-                count += ref.shape[0]
-    if count:
-        top1 = 100.0 * agree / count
+    close = _fidelity(ran, expected)
     latency = 1e3 * statistics.median(times)
-    result = ProviderResult(provider, max_abs, max_rel, float(np.mean(cos_all)), top1, latency, passed, None, placement)
+    result = ProviderResult(provider, max_abs, close["max_rel_error"], close["cosine"], close["top1_agreement"],
+                            latency, passed, None, placement)  # fmt: skip
     if not passed:
         result.first_divergence = first_divergence(path, provider, dict(zip(names, batches[0])), tol)
     return result
