@@ -19,7 +19,7 @@ import torch
 import torchvision
 
 import cosconvert
-from cosconvert.reconstruct import find_blocks, reconstruct
+from cosconvert.reconstruction import find_blocks, reconstruct
 
 MB = 2**20
 

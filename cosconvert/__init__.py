@@ -1,36 +1,48 @@
-"""cosconvert: turn a PyTorch network into its cosine-normalized twin, fine-tune it and ship it as ONNX."""
+"""cosconvert: turn a PyTorch network into its cosine-normalized twin, fine-tune it and ship it as ONNX.
 
-from cosconvert import functional, nn
-from cosconvert.calibration import calibrate
-from cosconvert.config import CosineConfig
-from cosconvert.convert import convert, inspect, report_of
-from cosconvert.finetune import finetune  # the function: cosconvert.finetune(model, data, teacher=...)
-from cosconvert.freeze import freeze
-from cosconvert.onnx import export_onnx, validate
-from cosconvert.pipeline import RunReport, RunSettings, run
-from cosconvert.recipe import restore, save
-from cosconvert.reconstruct import reconstruct  # the function: cosconvert.reconstruct(converted, original, data)
-from cosconvert.report import ConversionReport
+Each public name is imported from its module on first use, so ``cosconvert --version`` answers
+without loading torch.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
-__all__ = [
-    "functional",
-    "nn",
-    "CosineConfig",
-    "convert",
-    "inspect",
-    "report_of",
-    "calibrate",
-    "freeze",
-    "finetune",
-    "reconstruct",
-    "export_onnx",
-    "validate",
-    "save",
-    "restore",
-    "ConversionReport",
-    "run",
-    "RunSettings",
-    "RunReport",
-    "__version__",
-]
+
+# Public name -> the module that defines it.
+_EXPORTS = {
+    "CosineConfig": "cosconvert.config",
+    "convert": "cosconvert.conversion",
+    "inspect": "cosconvert.conversion",
+    "report_of": "cosconvert.conversion",
+    "calibrate": "cosconvert.calibration",
+    "freeze": "cosconvert.freezing",
+    "finetune": "cosconvert.finetuning",
+    "reconstruct": "cosconvert.reconstruction",
+    "export_onnx": "cosconvert.onnx",
+    "validate": "cosconvert.onnx",
+    "save": "cosconvert.recipe",
+    "restore": "cosconvert.recipe",
+    "ConversionReport": "cosconvert.report",
+    "run": "cosconvert.pipeline",
+    "RunSettings": "cosconvert.pipeline",
+    "RunReport": "cosconvert.pipeline",
+}
+_SUBMODULES = ("functional", "nn")
+
+__all__ = [*_SUBMODULES, *_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -17,6 +17,7 @@ import json
 import sys
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cosconvert.errors import BAD_INPUT as EXIT_INPUT
 from cosconvert.errors import INCONCLUSIVE as EXIT_INCONCLUSIVE
@@ -24,7 +25,9 @@ from cosconvert.errors import INTERNAL as EXIT_INTERNAL
 from cosconvert.errors import INTERRUPTED as EXIT_INTERRUPT
 from cosconvert.errors import VALIDATION_FAILED as EXIT_VALIDATION
 from cosconvert.errors import CosconvertError, InputError, Interrupted, first_line
-from cosconvert.pipeline import Pipeline, RunReport, RunSettings, run
+
+if TYPE_CHECKING:  # the pipeline loads torch: imported where a command runs, so --version answers at once
+    from cosconvert.pipeline import Pipeline, RunReport, RunSettings
 
 COMMANDS = ("run", "convert", "finetune", "export", "validate", "inspect", "demo")
 
@@ -70,6 +73,8 @@ def _image_norm(text: str | None) -> tuple | None:
 
 def _settings(args) -> RunSettings:
     """The run's one settings object, from whichever options this subcommand has."""
+    from cosconvert.pipeline import RunSettings
+
     get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
     blocks = get("reconstruct_blocks")
     amp = get("amp", "auto")
@@ -100,6 +105,8 @@ def _source_metadata(args) -> dict:
 
 def _pipeline(args, steps: tuple[str, ...]) -> Pipeline:
     """Load the model and start a run of ``steps`` into the output folder (default: beside the model)."""
+    from cosconvert.pipeline import Pipeline
+
     original, example = _load(args.model, args.arch, args.arch_kwargs, args.trust_pickle)
     model = Path(args.model)
     out = Path(args.out_dir) if args.out_dir else model.with_name(f"{model.stem}-cosine")
@@ -202,12 +209,12 @@ def cmd_validate(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    import cosconvert
+    from cosconvert.conversion import inspect
     from cosconvert.inputs import InputSpec
 
     original, example = _load(args.model, args.arch, args.arch_kwargs, args.trust_pickle)
     inputs = (InputSpec.parse(args.input_shape, original).random(),) if args.input_shape else example or None
-    report = cosconvert.inspect(original, _settings(args).cosine, example_inputs=inputs)
+    report = inspect(original, _settings(args).cosine, example_inputs=inputs)
     print(report.to_json() if args.json else report)
     return 0
 
@@ -215,11 +222,12 @@ def cmd_inspect(args) -> int:
 def cmd_demo(args) -> int:
     """Digits CNN with BatchNorm -> cosine (norms folded) -> calibrate -> distill -> ONNX -> validate: one run."""
     from cosconvert.demo import train_digits_cnn
+    from cosconvert.pipeline import RunSettings, run
 
     if not args.quiet:
         print("training the example: a BatchNorm CNN on scikit-learn's digits", file=sys.stderr, flush=True)
     settings = RunSettings.of(strip_norms="fold", centered=args.centered, epochs=args.epochs, lr=3e-3,
-                           verbose=not args.quiet)  # fmt: skip
+                              verbose=not args.quiet)  # fmt: skip
     report = run(train_digits_cnn(), data="digits", settings=settings, out_dir=args.out_dir,
                  metadata={"source": "cosconvert demo: DigitsCNN trained on digits"})  # fmt: skip
     return _finish(args, report)

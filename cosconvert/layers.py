@@ -2,7 +2,7 @@
 twins, the normalizers it may strip, and the linear-like layers it leaves alone (with why).
 
 These are the leaves of its fx trace (:mod:`cosconvert.trace`): a graph stops at them, and the
-conversion (:mod:`cosconvert.convert`) decides what each becomes.
+conversion (:mod:`cosconvert.conversion`) decides what each becomes.
 """
 
 from __future__ import annotations

@@ -27,9 +27,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cosconvert.calibration import calibrate
 from cosconvert.config import CosineConfig
+from cosconvert.conversion import convert
 from cosconvert.errors import INCONCLUSIVE, VALIDATION_FAILED, InputError, Interrupted, OutputError, first_line
+from cosconvert.finetuning import evaluate, finetune
 from cosconvert.inputs import InputSpec
+from cosconvert.onnx import export_onnx, validate
+from cosconvert.recipe import restore, save
+from cosconvert.reconstruction import reconstruct
 
 __all__ = ["RunSettings", "RunReport", "Pipeline", "run", "STEPS"]
 
@@ -277,7 +283,6 @@ class Pipeline:
 
     def measure(self, stage: str) -> None:
         """Accuracy on the held-out data (where it has labels) and fidelity to the original, into the summary."""
-        from cosconvert.finetune import evaluate
         from cosconvert.onnx.validate import fidelity
 
         if self.held_out is not None:
@@ -298,7 +303,6 @@ class Pipeline:
     # -- the steps ----------------------------------------------------------------------------------
     def convert(self) -> None:
         """Convert (and calibrate on the data), reconstruct if asked, then save the recipe."""
-        import cosconvert
         from cosconvert.calibration import summary as calibration_summary
         from cosconvert.data import batch_inputs
 
@@ -309,19 +313,19 @@ class Pipeline:
             None if self.data is None else [batch_inputs(b)[0].to(device) for _, b in zip(range(8), self.data)]
         )
         example = self.spec.random(torch.Generator().manual_seed(0), device) if calibration is None else calibration[0]
-        self.converted = cosconvert.convert(self.original, s.cosine, example_inputs=example)
+        self.converted = convert(self.original, s.cosine, example_inputs=example)
         self.say.note(self.converted.cosine_report.summary())
         stage = "converted"
         self.measure(stage)
         if calibration is not None:
-            self.say.note(calibration_summary(cosconvert.calibrate(self.converted, self.original, calibration)))
+            self.say.note(calibration_summary(calibrate(self.converted, self.original, calibration)))
             stage = "calibrated"
             self.measure(stage)
         if s.reconstruct:
             self.say.note("reconstructing block by block")
             blocks = s.reconstruct_blocks
             try:
-                cosconvert.reconstruct(self.converted, self.original, self.data, blocks=blocks, amp=s.amp,
+                reconstruct(self.converted, self.original, self.data, blocks=blocks, amp=s.amp,
                                        verbose=s.verbose)  # fmt: skip
             except ValueError as err:
                 if blocks == "auto":
@@ -332,38 +336,33 @@ class Pipeline:
         for kind in ("accuracy", "fidelity"):  # "before": the model as fine-tuning gets it
             if f"{kind}_{stage}" in self.summary:
                 self.summary[f"{kind}_before"] = self.summary[f"{kind}_{stage}"]
-        cosconvert.save(self.converted, self.staged("converted.pt"))
+        save(self.converted, self.staged("converted.pt"))
 
     def restore(self, recipe: Path | None = None) -> None:
         """The saved conversion (converted.pt in the output folder, or ``recipe``), for the steps after it."""
-        import cosconvert
-
         recipe = recipe or self.recipe
         if not recipe.is_file():
             raise InputError(f"no converted model at {recipe}: run `cosconvert convert` first, or give --out-dir")
         try:
-            self.converted = cosconvert.restore(self.original, recipe)
+            self.converted = restore(self.original, recipe)
         except (ValueError, RuntimeError, KeyError) as err:
             raise InputError(f"{recipe} does not restore onto this model ({first_line(err)})") from err
 
     def finetune(self) -> None:
         """Fine-tune (by distillation unless ``distill=False``), checkpointing into checkpoints/; save the result."""
-        import cosconvert
-
         s = self.settings
         self.say(f"fine-tuning for {s.epochs} epochs" + (" by distillation" if s.distill else " with labels"))
         folder = self.out / "checkpoints"
-        log = cosconvert.finetune(self.converted, self.data, teacher=self.original if s.distill else None,
+        log = finetune(self.converted, self.data, teacher=self.original if s.distill else None,
                                   epochs=s.epochs, lr=s.lr, eval_data=self.held_out, checkpoint_dir=folder,
                                   checkpoint_every=50, resume=s.resume, amp=s.amp, verbose=s.verbose)  # fmt: skip
         self.summary["finetune"] = log
         self.wrote(*sorted(p for p in folder.iterdir() if not p.name.startswith(".")))
         self.measure("after")
-        cosconvert.save(self.converted, self.staged("converted.pt"))
+        save(self.converted, self.staged("converted.pt"))
 
     def export(self) -> None:
         """Export to model.onnx at the run's input shape; the file's metadata names its source."""
-        import cosconvert
         from cosconvert.onnx.export import ExportError
 
         s = self.settings
@@ -372,7 +371,7 @@ class Pipeline:
         metadata = {**self.metadata, "input_shape": json.dumps(list(self.spec.shape)), "input_spec": self.spec.text()}
         self.onnx_path = self.staged("model.onnx")
         try:
-            cosconvert.export_onnx(self.converted, example, self.onnx_path, fp16=s.fp16, inline=s.inline,
+            export_onnx(self.converted, example, self.onnx_path, fp16=s.fp16, inline=s.inline,
                                    dynamic_batch=s.dynamic_batch, metadata=metadata)  # fmt: skip
         except ExportError as err:
             raise InputError(str(err)) from err
@@ -381,15 +380,13 @@ class Pipeline:
 
     def validate(self) -> str:
         """Fidelity to the original and ONNX parity; returns the verdict (pass, fail, inconclusive)."""
-        import cosconvert
-
         if not self.onnx_path.is_file():
             raise InputError(f"no ONNX file at {self.onnx_path}: run `cosconvert export` first, or give --out-dir")
         self.say("validating: fidelity to the original, and the ONNX file against PyTorch")
         reference = self.converted.half() if _file_dtype(self.onnx_path) == "float16" else self.converted
         batches = self.example_batches()
         on = f"{sum(len(b) for b in batches)} samples of {self.evaluated_on}"
-        report = cosconvert.validate(self.onnx_path, reference, batches, original=self.original,
+        report = validate(self.onnx_path, reference, batches, original=self.original,
                                      inputs_name=on, providers=self.settings.providers)  # fmt: skip
         if self.onnx_path.parent == self.stage:  # a staged file: named where it will be
             report.path = str(self.out / self.onnx_path.name)

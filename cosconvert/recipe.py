@@ -14,7 +14,7 @@ from torch import nn
 
 from cosconvert.atomic import atomic_write
 from cosconvert.config import CosineConfig
-from cosconvert.convert import convert, report_of
+from cosconvert.conversion import convert, report_of
 
 FORMAT = "cosconvert-recipe/1"
 

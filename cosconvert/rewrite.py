@@ -1,7 +1,7 @@
 """The graph rewrite: in a traced network, every dot-product call becomes its cosine twin.
 
 It runs on a GraphModule (:mod:`cosconvert.trace`) whose layer modules the walk
-(:mod:`cosconvert.convert`) has converted already, one pass over its nodes:
+(:mod:`cosconvert.conversion`) has converted already, one pass over its nodes:
 
 - a dot-product functional call (``F.linear``, ``F.conv2d``, ``torch.conv2d``, a linear
   ``torch.addmm`` whose matrix is a weight, as transformers' ``Conv1D`` computes) is pointed at

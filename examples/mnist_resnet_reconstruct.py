@@ -26,8 +26,8 @@ from torchvision.models.resnet import BasicBlock
 
 import cosconvert
 from cosconvert.atomic import atomic_write
-from cosconvert.finetune import evaluate, finetune
-from cosconvert.reconstruct import reconstruct
+from cosconvert.finetuning import evaluate, finetune
+from cosconvert.reconstruction import reconstruct
 
 
 class MnistResNet(nn.Module):

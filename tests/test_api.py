@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import IterableDataset, TensorDataset
 
 import cosconvert
-from cosconvert.finetune import finetune
+from cosconvert.finetuning import finetune
 
 
 def small_cnn() -> nn.Module:

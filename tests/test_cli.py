@@ -173,6 +173,16 @@ def test_version():
     assert proc.returncode == 0 and proc.stdout.strip() == f"cosconvert {cosconvert_api.__version__}"
 
 
+def test_version_answers_without_loading_torch():
+    code = (
+        "import sys\nfrom cosconvert.cli import main\n"
+        "try:\n    main(['--version'])\nexcept SystemExit:\n    pass\n"
+        "print('torch loaded' if 'torch' in sys.modules else 'no torch')"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split() == ["cosconvert", cosconvert_api.__version__, "no", "torch"], proc.stderr
+
+
 def test_help_has_examples():
     proc = cosconvert("--help")
     assert proc.returncode == 0 and "cosconvert demo" in proc.stdout and "--arch timm:convnext_atto" in proc.stdout

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import cosconvert
 from cosconvert.data import digits
 from cosconvert.demo import accuracy, train_digits_cnn
-from cosconvert.finetune import finetune
+from cosconvert.finetuning import finetune
 
 
 @pytest.mark.slow

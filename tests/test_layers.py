@@ -12,7 +12,7 @@ from reference import cosine_reference, linear_reference
 from torch import nn
 
 from cosconvert import functional as CF
-from cosconvert.freeze import freeze
+from cosconvert.freezing import freeze
 from cosconvert.nn import CosineConv1d, CosineConv2d, CosineConv3d, CosineLinear, CosineMultiheadAttention
 
 CONVS = {1: CF.cosine_conv1d, 2: CF.cosine_conv2d, 3: CF.cosine_conv3d}

@@ -13,7 +13,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 import cosconvert
-from cosconvert.reconstruct import find_blocks, reconstruct
+from cosconvert.reconstruction import find_blocks, reconstruct
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -289,7 +289,7 @@ def test_cli_reconstructs_the_blocks_it_is_given(tmp_path):
 def test_block_inputs_stepped_through_the_graph_match_a_pass_from_the_start():
     """The stepped feed (the network run once, waiting at each block) gives each block what a pass
     from the start gives it, with the blocks before it changed in between, as training changes them."""
-    from cosconvert.reconstruct import _capture, _Feeds, _Staged
+    from cosconvert.reconstruction import _capture, _Feeds, _Staged
 
     torch.manual_seed(0)
     original = nn.Sequential(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -125,3 +127,30 @@ def test_a_failed_run_leaves_the_previous_runs_files_as_they_were(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run-")]
     restored = cc.restore(DigitsCNN().eval(), tmp_path / "converted.pt")
     assert cc.validate(tmp_path / "model.onnx", restored).passed
+
+
+def test_ctrl_c_during_export_keeps_the_previous_cli_run_whole(tmp_path):
+    """A good CLI run, then a CLI run into the same folder that the user interrupts while it exports
+    (Ctrl-C arrives inside torch.onnx.export): it exits 130, says nothing was kept and does not offer
+    --resume, and the folder still holds the good run's files, which validate together."""
+    _user_net(tmp_path, width=6)
+    common = ["net.safetensors", "--arch", "net.py:Net", "--arch-kwargs", '{"width": 6}', "--out-dir", "out", "--quiet"]
+    good = cosconvert(*common, cwd=tmp_path)
+    assert good.returncode == 0, good.stderr
+    out = tmp_path / "out"
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    interrupted = (
+        "import sys, torch\n"
+        "def ctrl_c(*args, **kwargs):\n    raise KeyboardInterrupt\n"
+        "torch.onnx.export = ctrl_c\n"
+        "from cosconvert.cli import main\n"
+        f"sys.exit(main({[*common, '--epochs', '0']!r}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", interrupted], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 130, proc.stderr
+    assert "interrupted while exporting" in proc.stderr and "nothing of this run was kept" in proc.stderr, proc.stderr
+    assert "--resume" not in proc.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert not [p for p in out.iterdir() if p.name.startswith(".run-")], "the interrupted run's staging folder"
+    proc = cosconvert("validate", "out/model.onnx", "--quiet", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr

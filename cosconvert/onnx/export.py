@@ -33,7 +33,7 @@ from onnxscript.values import Op
 from torch import nn
 
 from cosconvert.atomic import atomic_folder
-from cosconvert.freeze import freeze
+from cosconvert.freezing import freeze
 from cosconvert.onnx.functions import DOMAIN, VERSION, cosconvert_domain, function_protos
 
 __all__ = ["export_onnx", "ExportError", "file_sha256"]

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from cosconvert.finetune import finetune
+from cosconvert.finetuning import finetune
 
 SAMPLES, EPOCHS, BATCH = 96, 3, 8
 

@@ -558,7 +558,7 @@ def reconstruct(
     mean MSE before and after, the target's mean square, the steps, the parameters trained and the time.
 
     Args:
-        data: inputs (labels ignored) as for :func:`cosconvert.finetune.finetune`: a Dataset, a
+        data: inputs (labels ignored) as for :func:`cosconvert.finetuning.finetune`: a Dataset, a
             DataLoader, a tensor of inputs, batches of inputs or (inputs, labels), or a data spec
             (``"digits"``, ``x.npz``, as :func:`cosconvert.data.load_data`).
         blocks: ``"auto"`` (:func:`find_blocks` on ``original``), module names, e.g. ``["layer1.0", "fc"]``,
