@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+from cosconvert.version import __version__
 
 # Public name -> the module that defines it.
 _EXPORTS = {

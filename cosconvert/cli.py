@@ -339,7 +339,7 @@ SUBCOMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cosconvert import __version__
+    from cosconvert.version import __version__
 
     parser = _Parser(
         prog="cosconvert", formatter_class=_Formatter, epilog=EXAMPLES,
