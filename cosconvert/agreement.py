@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cosconvert.distributed import all_sum
+
 __all__ = ["Agreement", "agreement", "output_kind", "first_output", "score"]
 
 HEADLINE = {"classifier": "top1_agreement", "multilabel": "unit_agreement", "embedding": "output_cosine"}
@@ -98,8 +100,10 @@ def score(result: dict) -> tuple[float, float]:
 
 @torch.no_grad()
 def agreement(reference: nn.Module, model: nn.Module, batches: Iterable[tuple]) -> dict:
-    """:meth:`Agreement.result` of ``model`` against ``reference`` on ``batches`` of positional inputs."""
+    """:meth:`Agreement.result` of ``model`` against ``reference`` on ``batches`` of positional inputs
+    (under torchrun: on every rank's batches)."""
     running = Agreement()
     for inputs in batches:
         running.add(reference(*inputs), model(*inputs))
+    running.sums, running.count = all_sum(running.sums), int(all_sum({"n": running.count})["n"])
     return running.result()

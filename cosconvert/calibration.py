@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from cosconvert import functional as CF
 from cosconvert.agreement import HEADLINE, agreement, score
 from cosconvert.data import batch_inputs
+from cosconvert.distributed import all_sum
 
 __all__ = ["calibrate", "summary", "LayerFits"]
 
@@ -75,14 +76,17 @@ class _Fit:
     def add(self, cos: Tensor, target: Tensor, dim: int) -> Tensor:
         """Take one call's bare cosines and target into the fit; the fitted output."""
         dim = dim % cos.dim()
-        _add_unit_sums(self.sums, cos, target, dim)
+        sums: dict = {}
+        _add_unit_sums(sums, cos, target, dim)
+        for key, value in all_sum(sums).items():  # under torchrun: every rank's call, so every rank fits alike
+            self.sums[key] = self.sums.get(key, 0) + value
         self.apply()
         old = cos * _per_unit(self.saved[0], dim, cos.dim()) + _per_unit(self.saved[1], dim, cos.dim())
         new = cos * _per_unit(self.gain, dim, cos.dim()) + _per_unit(self.bias, dim, cos.dim())
         t = target.double()
-        self.error["before"] += (old.double() - t).pow(2).sum().item()
-        self.error["after"] += (new.double() - t).pow(2).sum().item()
-        self.error["power"] += t.pow(2).sum().item()
+        error = {"before": (old.double() - t).pow(2).sum(), "after": (new.double() - t).pow(2).sum(), "power": t.pow(2).sum()}
+        for key, value in all_sum(error).items():
+            self.error[key] += float(value)
         return new.to(cos.dtype)
 
     @torch.no_grad()

@@ -10,7 +10,10 @@ replayed from the saved generator state and the batches already seen are skipped
 a fixed seed a resumed run ends with the same weights as an uninterrupted one.
 
 Under ``torchrun`` (``WORLD_SIZE > 1``) training is data-parallel: DistributedDataParallel,
-a DistributedSampler, gloo on CPU and NCCL on GPU; only rank 0 logs and writes files.
+a DistributedSampler, gloo on CPU and NCCL on GPU; only rank 0 logs and writes files. A model the
+caller sharded with FSDP2 (``torch.distributed.fsdp.fully_shard``) is trained as it is: FSDP
+reduces the gradients, and checkpoints hold the full state, gathered to rank 0 (every rank reads
+it back on resume and keeps its shard).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 from tqdm.auto import tqdm
 
@@ -33,6 +38,7 @@ from cosconvert.agreement import Agreement, first_output, score
 from cosconvert.amp import mixed_precision
 from cosconvert.atomic import atomic_write, remove_partial
 from cosconvert.data import batch_inputs
+from cosconvert.distributed import rank_and_world
 
 __all__ = ["finetune", "distillation_loss", "evaluate"]
 
@@ -91,16 +97,6 @@ def evaluate(model: nn.Module, data, teacher: nn.Module | None = None) -> dict:
     if teacher is not None:
         result["teacher_agreement"] = score(running.result())[0]
     return result
-
-
-def _distributed() -> tuple[int, int]:
-    """(rank, world size), starting the process group under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _plot(log: list[dict], path: Path) -> None:
@@ -183,7 +179,7 @@ def finetune(
     (``progress`` is its old name).
     """
     verbose = verbose if progress is None else progress
-    rank, world = _distributed()
+    rank, world = rank_and_world()
     device = next(model.parameters()).device
     amp, autocast, scaler = mixed_precision(amp, device)
     given = data if isinstance(data, DataLoader) else None
@@ -198,7 +194,8 @@ def finetune(
         sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=seed) if world > 1 else None
         loader = DataLoader(dataset, batch_size, shuffle=sampler is None, sampler=sampler, generator=generator,
                             collate_fn=collate)  # fmt: skip
-    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    sharded = isinstance(model, FSDPModule)  # FSDP2: the caller sharded it with fully_shard
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 and not sharded else model
     params = [p for p in model.parameters() if p.requires_grad]
     if optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
@@ -219,8 +216,12 @@ def finetune(
         remove_partial(folder, WRITES)  # a killed run's unfinished writes
     if resume and ckpt is not None and ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        if sharded:  # every rank reads the full state and keeps its own shard of it
+            set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                           options=StateDictOptions(full_state_dict=True))  # fmt: skip
+        else:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         if state.get("scaler"):  # an fp16 run's; a disabled scaler saves {}
             scaler.load_state_dict(state["scaler"])
@@ -230,11 +231,17 @@ def finetune(
         resumed = True
 
     def save(epoch: int, step: int, rng_state: torch.Tensor) -> None:
-        if ckpt is None or rank != 0:
+        if ckpt is None:
+            return
+        if sharded:  # gathering the full state takes every rank; rank 0 gets it, on the CPU
+            weights, moments = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            weights, moments = model.state_dict(), opt.state_dict()
+        if rank != 0:
             return
         with atomic_write(ckpt) as tmp:
             torch.save({
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "model": weights, "optimizer": moments, "scheduler": sched.state_dict(),
                 "scaler": scaler.state_dict(),
                 "epoch": epoch, "step": step, "epoch_generator": rng_state, "torch_rng": torch.get_rng_state(),
                 "log": json.dumps(log),
@@ -281,7 +288,7 @@ def finetune(
         if resumed:
             entry["resumed_at_step"], resumed = skip, False
         skip, epoch_rng = 0, generator.get_state()
-        if eval_data is not None and rank == 0:
+        if eval_data is not None and (rank == 0 or sharded):  # a sharded forward takes every rank
             entry.update(evaluate(model, eval_data, teacher))
         log.append(entry)
         save(epoch + 1, 0, epoch_rng)  # first: a log that shows an epoch means its checkpoint is there
