@@ -56,9 +56,10 @@ def convert(
     *,
     example_inputs: tuple | dict | torch.Tensor | None = None,
     calibration_data: Iterable | None = None,
+    inplace: bool = False,
     **settings,
 ) -> nn.Module:
-    """The cosine-normalized twin of ``model``; ``model`` itself is left unchanged.
+    """The cosine-normalized twin of ``model``; ``model`` itself is left unchanged, unless ``inplace``.
 
     Args:
         config: how to convert (:class:`~cosconvert.config.CosineConfig`: ``centered``, ``gain``,
@@ -72,21 +73,29 @@ def convert(
             ``example_inputs``, the output shapes of both models are compared.
         calibration_data: if given, an iterable of input batches on which each cosine layer's
             gain and bias are fitted to the original layer's outputs (:func:`calibrate`).
+        inplace: convert ``model`` itself, with no second copy of its weights (for a model that
+            fits in memory once); ``model`` is used up: keep only the returned module. The checks
+            that need the original beside the converted model (the cosine check, output shapes,
+            calibration) cannot run.
 
     Returns the converted module, with its :class:`ConversionReport` as ``.cosine_report``
     (also given by :func:`cosconvert.report_of`).
     """
     config = (config or CosineConfig()).replace(**settings)
+    if inplace and calibration_data is not None:
+        raise ValueError("calibration needs the original beside the converted model: convert with "
+                         "inplace=False, or calibrate a converted copy against the original")  # fmt: skip
     report = ConversionReport(settings=config.to_dict())
     if calibration_data is not None and iter(calibration_data) is calibration_data:
         calibration_data = list(calibration_data)  # a one-pass iterator: its first batch is read twice
-    work = copy.deepcopy(model)
+    original_parameters = _count(model)
+    work = model if inplace else copy.deepcopy(model)
     watched = [m for m in work.modules() if not is_leaf(m) or own_forward(m)]
     batch = example_batch(example_inputs, calibration_data)
     capture = Capture(work, batch, watched)
     walk = _Walk(report, capture, config)
     converted = walk.run(work, "", root=True)
-    report.parameters = {"original": _count(model), "converted": _count(converted)}
+    report.parameters = {"original": original_parameters, "converted": _count(converted)}
     report.checks = {
         "inputs": capture.source
         or "none: no example inputs given, and none inferred from its first layer that it runs on; "
@@ -98,10 +107,13 @@ def convert(
         report.checks["run-time check"] = "not needed: no fallback, every layer call is a node of the graph"
     elif capture.example is not None:
         verify(converted, report, *capture.example)
-    if capture.example is not None and not config.strip_norms and (report.fallbacks or example_inputs is not None):
+    wanted = not config.strip_norms and (report.fallbacks or example_inputs is not None)
+    if inplace and capture.example is not None and wanted:
+        report.checks["cosine check"] = "not run: converted in place, so no original was kept to compare with"
+    elif capture.example is not None and wanted:
         compare_with_cosine_calls(model, converted, report, *capture.example, config)
     _attach(converted, report)
-    if example_inputs is not None:
+    if example_inputs is not None and not inplace:
         _check_outputs(model, converted, batch[0], batch[1], config)
     if calibration_data is not None:
         calibrate(converted, model, calibration_data)
@@ -190,7 +202,7 @@ class _Walk:
             self._skip(name, type(m).__name__, EXCLUDED)
             return m
         try:
-            twin = twin_cls.from_module(m, **self.config.layer)
+            twin = twin_cls.from_module(m, share=True, **self.config.layer)  # the walk's own copy
         except (NotImplementedError, TypeError) as err:
             self._skip(name, type(m).__name__, str(err))
             return m

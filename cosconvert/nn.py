@@ -125,28 +125,25 @@ class CosineLinear(_CosineMixin, nn.Linear):
         return CF.cosine_linear(input, self.weight, self.bias, centered=self.centered, eps=self.eps, gain=self.gain)
 
     @classmethod
-    def from_module(cls, module: nn.Linear, **kwargs) -> CosineLinear:
-        """The cosine twin of ``module``, with a copy of its weights, device and dtype."""
-        twin = _build(cls, module, module.in_features, module.out_features, module.bias is not None, **kwargs)
-        return _copy_params(module, twin)
+    def from_module(cls, module: nn.Linear, *, share: bool = False, **kwargs) -> CosineLinear:
+        """The cosine twin of ``module``, on its device and dtype, with a copy of its weight and bias
+        (``share``: the same parameters, no copy; :func:`cosconvert.convert` shares those of its own copy)."""
+        args = (module.in_features, module.out_features, module.bias is not None)
+        return _twin(cls, module, args, share, **kwargs)
 
 
-def _build(cls: type, source: nn.Module, *args, **kwargs) -> nn.Module:
-    """``cls(*args, **kwargs)`` on ``source``'s device and dtype, skipping the random init
-    that the copied weights would overwrite (gains start at one)."""
-    w = next(source.parameters())
-    twin = torch.nn.utils.skip_init(cls, *args, device=w.device, dtype=w.dtype, **kwargs)
-    for layer in twin.modules():  # attention's out_proj has a gain too
-        if getattr(layer, "gain", None) is not None:
-            torch.nn.init.ones_(layer.gain)
-    return twin
-
-
-def _copy_params(source: nn.Module, twin: nn.Module) -> nn.Module:
+def _twin(cls: type, source: nn.Module, args: tuple, share: bool, **kwargs) -> nn.Module:
+    """``cls(*args, **kwargs)`` holding ``source``'s weight and bias (copied, or the same parameters
+    where ``share``), its gain at one; built on the meta device, so no weight is allocated twice."""
+    w = source.weight
+    twin = cls(*args, device="meta", dtype=w.dtype, **kwargs)
     with torch.no_grad():
-        twin.weight.copy_(source.weight)
-        if source.bias is not None:
-            twin.bias.copy_(source.bias)
+        for name in ("weight", "bias"):
+            param = getattr(source, name)
+            if param is not None:
+                setattr(twin, name, param if share else nn.Parameter(param.detach().clone(), param.requires_grad))
+    if twin.gain is not None:
+        twin.gain = nn.Parameter(torch.ones(twin.gain.shape, device=w.device, dtype=w.dtype))
     twin.train(source.training)
     return twin
 
@@ -168,16 +165,15 @@ class _CosineConvNd(_CosineMixin):
         )  # fmt: skip
 
     @classmethod
-    def from_module(cls, module: nn.modules.conv._ConvNd, **kwargs):
-        """The cosine twin of ``module``, with a copy of its weights, device and dtype."""
+    def from_module(cls, module: nn.modules.conv._ConvNd, *, share: bool = False, **kwargs):
+        """The cosine twin of ``module``, on its device and dtype, with a copy of its weight and bias
+        (``share``: the same parameters, no copy)."""
         if module.transposed:
             raise TypeError("transposed convolutions have no receptive field to normalize")
         m = module
-        twin = _build(
-            cls, m, m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
-            m.bias is not None, m.padding_mode, **kwargs,
-        )  # fmt: skip
-        return _copy_params(module, twin)
+        args = (m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
+                m.bias is not None, m.padding_mode)  # fmt: skip
+        return _twin(cls, module, args, share, **kwargs)
 
 
 def _conv_class(parent: type, conv, dims: int) -> type:
@@ -254,14 +250,19 @@ class CosineMultiheadAttention(_CosineMixin, nn.MultiheadAttention):
         self.out_proj = CosineLinear.from_module(self.out_proj, centered=centered, gain=gain, eps=eps)
 
     @classmethod
-    def from_module(cls, module: nn.MultiheadAttention, **kwargs) -> CosineMultiheadAttention:
-        """The cosine twin of ``module``, with a copy of its weights, device and dtype."""
+    def from_module(cls, module: nn.MultiheadAttention, *, share: bool = False, **kwargs) -> CosineMultiheadAttention:
+        """The cosine twin of ``module``, with a copy of its weights, device and dtype (``share``: its
+        parameters, no copy)."""
         m = module
-        twin = _build(
-            cls, m, m.embed_dim, m.num_heads, m.dropout, m.in_proj_bias is not None, m.bias_k is not None,
-            m.add_zero_attn, m.kdim, m.vdim, m.batch_first, **kwargs,
+        w = m.out_proj.weight
+        twin = torch.nn.utils.skip_init(
+            cls, m.embed_dim, m.num_heads, m.dropout, m.in_proj_bias is not None, m.bias_k is not None,
+            m.add_zero_attn, m.kdim, m.vdim, m.batch_first, device=w.device, dtype=w.dtype, **kwargs,
         )  # fmt: skip
-        twin.load_state_dict(m.state_dict())
+        for layer in twin.modules():  # out_proj has a gain too
+            if getattr(layer, "gain", None) is not None:
+                torch.nn.init.ones_(layer.gain)
+        twin.load_state_dict(m.state_dict(), assign=share)
         twin.train(m.training)
         return twin
 
