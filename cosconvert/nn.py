@@ -73,9 +73,11 @@ class _CosineMixin:
     @torch.no_grad()
     def prenormalize(self) -> None:
         """Replace the weight by its normalized form (gain folded in), for inference and export:
-        forward then skips the per-call weight normalization. Not for training."""
+        forward then skips the per-call weight normalization. Not for training. A new tensor, not
+        written over the old: a weight tied elsewhere (an embedding and its LM head) stays as it is."""
         if not self.prenormalized:
-            self.weight.copy_(CF.normalize_weight(self.weight, centered=self.centered, eps=self.eps, gain=self.gain))
+            normalized = CF.normalize_weight(self.weight, centered=self.centered, eps=self.eps, gain=self.gain)
+            self.weight = nn.Parameter(normalized.detach(), requires_grad=False)
             self.gain, self.prenormalized = None, True
 
     def set_gain(self, gain: str) -> None:
@@ -273,9 +275,13 @@ class CosineMultiheadAttention(_CosineMixin, nn.MultiheadAttention):
     def prenormalize(self) -> None:
         if self.prenormalized:
             return
-        for index in range(3):
-            weight, _, gain = self._projection(index)
-            weight.copy_(CF.normalize_weight(weight, centered=self.centered, eps=self.eps, gain=gain))
+        normalized = [CF.normalize_weight(w, centered=self.centered, eps=self.eps, gain=g).detach()
+                      for w, _, g in map(self._projection, range(3))]  # fmt: skip
+        if self._qkv_same_embed_dim:  # new tensors, as for a linear layer
+            self.in_proj_weight = nn.Parameter(torch.cat(normalized), requires_grad=False)
+        else:
+            for name, weight in zip(("q_proj_weight", "k_proj_weight", "v_proj_weight"), normalized):
+                setattr(self, name, nn.Parameter(weight, requires_grad=False))
         self.gain, self.prenormalized = None, True
         self.out_proj.prenormalize()
 

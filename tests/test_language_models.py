@@ -1,0 +1,53 @@
+"""Causal language models end to end (issue 29): Llama and GPT-2 style, from configs, with their norms kept or
+folded, converted faithfully, exported with a dynamic batch and sequence, and validated at other lengths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from faithful_reference import reference_outputs
+
+import cosconvert
+
+VOCAB = 128
+
+
+def causal_lm(kind: str) -> transformers.PreTrainedModel:
+    torch.manual_seed(0)
+    if kind == "llama":
+        config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, use_cache=False)  # fmt: skip
+        return transformers.LlamaForCausalLM(config).eval()
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, use_cache=False,
+                                     bos_token_id=0, eos_token_id=0)  # fmt: skip
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def tokens(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_a_causal_lm_converts_faithfully_with_its_head_tied(kind):
+    model = causal_lm(kind)
+    ids = tokens(2, 9)
+    converted = cosconvert.convert(model, gain="none", example_inputs=(ids,))
+    head, embedding = converted.get_output_embeddings().weight, converted.get_input_embeddings().weight
+    assert (head is embedding) == model.config.tie_word_embeddings
+    want = reference_outputs(model, ids)[0].logits
+    with torch.no_grad():
+        got = converted(ids).logits
+    assert float((got.double() - want).abs().max() / want.abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("strip", [False, "fold"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_a_causal_lm_exports_with_dynamic_batch_and_sequence_and_validates(kind, strip, tmp_path):
+    model = causal_lm(kind)
+    converted = cosconvert.convert(model, strip_norms=strip, example_inputs=(tokens(2, 12),))
+    path = cosconvert.export_onnx(converted, (tokens(2, 12),), tmp_path / "lm.onnx")
+    batches = [(tokens(1, 5, seed=1),), (tokens(3, 17, seed=2),)]  # neither the traced batch nor length
+    report = cosconvert.validate(path, converted, batches, original=model)
+    assert report.passed, report
+    assert all(r.max_rel_error < 1e-4 for r in report.results), report
