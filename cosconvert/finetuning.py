@@ -43,13 +43,30 @@ from cosconvert.distributed import rank_and_world
 __all__ = ["finetune", "distillation_loss", "evaluate"]
 
 
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
-    """KL(teacher || student) on temperature-softened logits, scaled by T^2; MSE for non-class outputs."""
+def distillation_loss(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float = 4.0, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """KL(teacher || student) on temperature-softened scores over the last axis, scaled by T^2: for
+    ``(N, classes)`` scores, and with ``mask`` ``(N, T)`` for a language model's ``(N, T, vocab)`` logits,
+    per token and averaged over the tokens where ``mask`` is 1 (a padded position carries no loss).
+    MSE for outputs that are not class scores."""
+    t = temperature
+    if mask is not None:
+        kl = F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True,
+                      reduction="none").sum(-1)  # fmt: skip
+        weight = mask.to(kl.dtype)
+        return (kl * weight).sum() / weight.sum().clamp_min(1) * t * t
     if student.dim() != 2 or student.shape[1] < 2:
         return F.mse_loss(student, teacher)
-    t = temperature
     kl = F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), log_target=True, reduction="batchmean")
     return kl * t * t
+
+
+def _tokens(batch) -> dict | None:
+    """A language model's batch, ``{"input_ids": ..., "attention_mask": ...}``, as keyword inputs; else None."""
+    if isinstance(batch, dict) and "input_ids" in batch:
+        return {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+    return None
 
 
 def _labels(batch):
@@ -166,7 +183,9 @@ def finetune(
     """Train ``model`` in place; returns the per-epoch log (loss, throughput, held-out metrics).
 
     With a ``teacher``, the loss is distillation (plus ``loss_fn``, cross-entropy by default,
-    where batches carry labels); without one, ``loss_fn`` on the labels. ``optimizer``:
+    where batches carry labels); without one, ``loss_fn`` on the labels. A language model's batches
+    are dicts of ``input_ids`` and ``attention_mask``, passed as keywords; its logits are distilled
+    per token, padded positions left out (:func:`distillation_loss`). ``optimizer``:
     ``"adamw"`` or ``"sgd"`` (momentum 0.9), both with a cosine schedule (a constant rate on an
     ``IterableDataset`` with no length). ``amp``: ``"auto"`` (bf16 on CUDA, float32 elsewhere),
     ``"bf16"``, ``"fp16"`` (with a gradient scaler) or ``None``, on any device. A Dataset is batched with
@@ -259,14 +278,17 @@ def finetune(
             if step < skip:
                 continue
             batch = _to(batch, device)
-            inputs, y = batch_inputs(batch), _labels(batch)
+            tokens = _tokens(batch)  # a language model's: its logits are distilled per token, padding masked
+            inputs, named = ((), tokens) if tokens else (batch_inputs(batch), {})
+            y = None if tokens else _labels(batch)
+            mask = None if not tokens else tokens.get("attention_mask", torch.ones_like(tokens["input_ids"]))
             with autocast:
-                out = first_output(net(*inputs))  # a transformers output: its logits
+                out = first_output(net(*inputs, **named))  # a transformers output: its logits
                 loss = torch.zeros((), device=device)
                 if teacher is not None:
                     with torch.no_grad():
-                        target = first_output(teacher.eval()(*inputs))
-                    loss = loss + distillation_loss(out.float(), target.float(), temperature)
+                        target = first_output(teacher.eval()(*inputs, **named))
+                    loss = loss + distillation_loss(out.float(), target.float(), temperature, mask)
                 if y is not None:
                     loss = loss + loss_fn(out.float(), y)
             opt.zero_grad()

@@ -9,6 +9,7 @@ import transformers
 from faithful_reference import reference_outputs
 
 import cosconvert
+from cosconvert.finetuning import distillation_loss
 
 VOCAB = 128
 
@@ -51,3 +52,43 @@ def test_a_causal_lm_exports_with_dynamic_batch_and_sequence_and_validates(kind,
     report = cosconvert.validate(path, converted, batches, original=model)
     assert report.passed, report
     assert all(r.max_rel_error < 1e-4 for r in report.results), report
+
+
+def test_token_distillation_is_kl_per_token_over_the_unpadded_positions():
+    torch.manual_seed(0)
+    student = torch.randn(2, 5, 7, requires_grad=True)
+    teacher, t = torch.randn(2, 5, 7), 2.0
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    loss = distillation_loss(student, teacher, t, mask)
+    terms = []  # by hand, in float64, token by token
+    for n, i in mask.nonzero().tolist():
+        p = torch.softmax(teacher[n, i].double() / t, 0)
+        q = torch.softmax(student[n, i].detach().double() / t, 0)
+        terms.append(float((p * (p / q).log()).sum()))
+    assert abs(loss.item() - sum(terms) / len(terms) * t * t) < 1e-5
+    loss.backward()
+    assert student.grad[0, 3:].abs().max() == 0 and student.grad[0, :3].abs().max() > 0
+
+
+class PaddedText(torch.utils.data.Dataset):
+    """Token sequences of 4 to 12 ids, right-padded to 12, with their attention masks."""
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(3)
+        self.ids = torch.randint(1, VOCAB, (48, 12), generator=g)
+        lengths = torch.randint(4, 13, (48,), generator=g)
+        self.mask = (torch.arange(12)[None] < lengths[:, None]).long()
+        self.ids = self.ids * self.mask
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i]}
+
+
+def test_a_causal_lm_distils_from_its_original_on_padded_batches():
+    model = causal_lm("llama")
+    converted = cosconvert.convert(model, strip_norms="fold", example_inputs=(tokens(2, 12),))
+    log = cosconvert.finetune(converted, PaddedText(), teacher=model, epochs=4, batch_size=8, lr=3e-3)
+    assert log[-1]["loss"] < 0.7 * log[0]["loss"], log
