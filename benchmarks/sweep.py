@@ -20,7 +20,8 @@ Each model ends in one status:
   rounding (a router's top-k, a detector's query selection);
 - ``WRONG``: it differs from the reference: a silent wrong conversion, the worst outcome;
 - ``failed``: cosconvert raised, or the converted model does not run: the row holds the one line;
-- ``harness``: the original cannot be built or run here (a harness skip, not cosconvert's result).
+- ``harness``: the original cannot be built or run here, or is random in its forward (two runs of it
+  differ), so no reference can judge it (a harness skip, not cosconvert's result).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import inspect
 import json
 import signal
@@ -40,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from faithful_reference import CosineReference, reference_outputs  # noqa: E402
+from faithful_reference import CosineReference, leave_plain, reference_outputs  # noqa: E402
 from test_faithful import leaves, liven  # noqa: E402
 
 import cosconvert  # noqa: E402
@@ -173,13 +175,19 @@ def torchvision_cases() -> dict:
         tm.detection: "detection", tm.segmentation: "segmentation", tm.video: "video",
         tm.optical_flow: "optical_flow", tm.quantization: "quantized",
     }  # fmt: skip
+    def case(name: str, kind: str):
+        build = functools.partial(_torchvision, name, kind)
+        # Some (regnet) cannot be built on the meta device; their weights' metadata says their size.
+        build.declared_params = lambda: torchvision.models.get_model_weights(name).DEFAULT.meta["num_params"]
+        return build
+
     cases = {}
     for module, kind in kinds.items():
         for name in torchvision.models.list_models(module=module):
-            cases[f"{kind}/{name}"] = lambda n=name, k=kind: _torchvision(n, k)
+            cases[f"{kind}/{name}"] = case(name, kind)
     for name in torchvision.models.list_models(module=tm):
         if f"quantized/{name}" not in cases:
-            cases[name] = lambda n=name: _torchvision(n, "classification")
+            cases[name] = case(name, "classification")
     return cases
 
 
@@ -190,7 +198,8 @@ def _torchvision(name: str, kind: str):
     model = torchvision.models.get_model(name, weights=None, weights_backbone=None, **extra) if kind in (
         "detection", "segmentation") else torchvision.models.get_model(name, weights=None, **extra)  # fmt: skip
     if kind == "detection":  # the backbone and its feature pyramid: the heads' outputs are data-dependent lists
-        return model.backbone, (torch.randn(1, 3, 128, 128),), {}
+        size = 300 if name.startswith("ssd300") else 128  # SSD's extra layers shrink a smaller input to nothing
+        return model.backbone, (torch.randn(1, 3, size, size),), {}
     if kind == "segmentation":
         return model, (torch.randn(2, 3, 64, 64),), {}
     if kind == "video":
@@ -220,7 +229,11 @@ def judge(build, max_params: int) -> dict:
         with torch.device("meta"):
             params = sum(p.numel() for p in build()[0].parameters())
     except Exception as err:  # noqa: BLE001 - not sized, so not built: it could exhaust the memory
-        return {"status": "harness", "error": f"not built: it cannot be sized on the meta device ({first_line(err, with_type=True)[:200]})"}
+        try:
+            params = build.declared_params()
+        except Exception:  # noqa: BLE001 - no declared size either
+            why = first_line(err, with_type=True)[:200]
+            return {"status": "harness", "error": f"not built: it cannot be sized on the meta device ({why})"}
     if params > max_params:
         return {"params": params, "status": "harness", "error": f"{params / 1e6:.0f}M parameters: over this sweep's limit"}
     try:
@@ -230,7 +243,9 @@ def judge(build, max_params: int) -> dict:
         if row["params"] > max_params:
             raise Harness(f"{row['params'] / 1e6:.0f}M parameters: over this sweep's limit")
         with torch.no_grad():
-            model(*args, **kwargs)
+            first, again = model(*args, **kwargs), model(*args, **kwargs)
+        if _rel(again, first) > REL_TOL:  # random masking, noise inputs, sampled durations
+            raise Harness(f"the original is random in its forward: two runs differ by {_rel(again, first):.1e}")
     except Exception as err:  # noqa: BLE001 - the original itself does not build or run here
         return {**row, "status": "harness", "error": first_line(err, with_type=True)[:200]}
     try:
@@ -257,9 +272,12 @@ def judge(build, max_params: int) -> dict:
     if row["rel"] <= REL_TOL:
         row["status"] = "partial" if report.skipped else "faithful"
         return row
-    try:  # the judge's own float32 run: each cosine exact, then rounded to float32
-        with torch.no_grad(), CosineReference():
-            row["judge_f32"] = _rel(copy.deepcopy(model)(*args, **kwargs), ref)
+    try:  # the judge's own float32 run: each cosine exact, then rounded to float32; skipped layers plain, as in ref
+        judge, twin = CosineReference(), copy.deepcopy(model)
+        for name in skipped:
+            leave_plain(twin.get_submodule(name), judge)
+        with torch.no_grad(), judge:
+            row["judge_f32"] = _rel(twin(*args, **kwargs), ref)
     except Exception:  # noqa: BLE001 - no float32 judge: the float64 rerun decides alone
         row["judge_f32"] = None
     try:
@@ -310,13 +328,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     done = set()
     if args.out and Path(args.out).exists():
-        done = {json.loads(line)["model"] for line in Path(args.out).read_text().splitlines() if line.strip()}
+        rows_done = [json.loads(line) for line in Path(args.out).read_text().splitlines() if line.strip()]
+        done = {(r["source"], r["model"]) for r in rows_done}  # timm and torchvision share names (resnet18)
     rows = []
     for source in args.source.split(","):
         cases = SOURCES[source]()
         names = [n for n in cases if not args.only or n in args.only][: args.limit]
         for name in names:
-            if name in done:
+            if (source, name) in done:
                 continue
             if args.out:  # a model that kills the process (out of memory) is recorded as such on the rerun
                 started = Path(args.out + ".started")

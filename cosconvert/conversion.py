@@ -226,18 +226,21 @@ class _Walk:
             + ("" if own_forward(module) else " without gain")
             + "; its functional normalizers are kept; nothing folded",
         })  # fmt: skip
-        # Calls on the weights of layers left as dot products stay plain under the fallback's CosineCalls.
-        module.cosine_plain = tuple(
-            join(owner, pname)
-            for owner, m in module.named_modules()
-            for pname, _ in m.named_parameters(recurse=False)
-            if isinstance(m, tuple(UNCONVERTIBLE)) or not self.selected(join(path, owner), m)
-        )
         self._in_fallback += 1
         try:
             self.convert_children(module, path)
         finally:
             self._in_fallback -= 1
+        # Calls on the weights of layers left as dot products (unconvertible, excluded, or skipped for a
+        # reason of their own) stay plain under the fallback's CosineCalls, as the report says.
+        skipped = {row["name"] for row in self.report.skipped}
+        module.cosine_plain = tuple(
+            join(owner, pname)
+            for owner, m in module.named_modules()
+            for pname, _ in m.named_parameters(recurse=False)
+            if join(path, owner) in skipped or isinstance(m, tuple(UNCONVERTIBLE))
+            or not self.selected(join(path, owner), m)
+        )
         if own_forward(module):  # a layer: its calls are its own, with its gain
             units = out_units(module) if self.config.gain == "channel" else 1
             if self.config.gain != "none" and units:

@@ -142,8 +142,10 @@ def _twin(cls: type, source: nn.Module, args: tuple, share: bool, **kwargs) -> n
     with torch.no_grad():
         for name in ("weight", "bias"):
             param = getattr(source, name)
-            if param is not None:
-                setattr(twin, name, param if share else nn.Parameter(param.detach().clone(), param.requires_grad))
+            if isinstance(param, nn.Parameter) and share:
+                setattr(twin, name, param)
+            elif param is not None:  # a copy; a parametrized weight (weight_norm) is computed, then kept
+                setattr(twin, name, nn.Parameter(param.detach().clone(), param.requires_grad))
     if twin.gain is not None:
         twin.gain = nn.Parameter(torch.ones(twin.gain.shape, device=w.device, dtype=w.dtype))
     twin.train(source.training)

@@ -151,7 +151,7 @@ def _double(x):
     return x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
 
 
-def _leave_plain(module: nn.Module, mode: CosineReference) -> None:
+def leave_plain(module: nn.Module, mode: CosineReference) -> None:
     """Hooks that pause ``mode``'s replacing while ``module`` runs."""
 
     def enter(*_):
@@ -176,7 +176,7 @@ def reference_outputs(model: nn.Module, *args, skip: Iterable[str] = (), **kwarg
     kwargs = {k: _double(v) for k, v in kwargs.items()}
     mode = CosineReference()
     for name in skip:
-        _leave_plain(twin.get_submodule(name), mode)
+        leave_plain(twin.get_submodule(name), mode)
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
