@@ -414,6 +414,10 @@ def _activations(model: nn.Module, names: Sequence[str], batches: list[tuple]) -
     return found
 
 
+def _moved(tree, device: torch.device):
+    return torch.utils._pytree.tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, tree)
+
+
 def _detach(tree):
     return torch.utils._pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, tree)
 
@@ -551,6 +555,7 @@ def reconstruct(
     target: str = "network",
     amp: str | None = "auto",
     device: str | torch.device | None = None,
+    offload: bool = False,
     verbose: bool = False,
 ) -> dict:
     """Train each block of ``converted`` in place, in order, to reproduce ``original``'s block on the
@@ -578,6 +583,10 @@ def reconstruct(
             device. ``"auto"``: bf16 on CUDA, float32 elsewhere (a CPU without native bfloat16 runs it
             slower than float32). Norms are taken in float32 either way.
         device: where to run (both models are moved there); default: where ``converted`` is.
+        offload: keep both models on the CPU and move one block at a time, with the inputs and targets
+            captured for it, to ``device`` to fit it, then back: a network larger than the device's memory
+            can be recovered. The networks' own passes (each block's inputs, the original's activations)
+            run on the CPU.
         verbose: a progress bar per block (on stderr).
     """
     started = time.perf_counter()
@@ -587,12 +596,13 @@ def reconstruct(
         raise ValueError(f"train must be 'all' or 'affine', got {train!r}")
     device = torch.device(device) if device is not None else next(converted.parameters()).device
     amp, autocast, scaler = mixed_precision(amp, device)
-    converted.to(device), original.to(device)
+    home = torch.device("cpu") if offload else device  # where the networks stay
+    converted.to(home), original.to(home)
     names = find_blocks(original) if blocks == "auto" else [blocks] if isinstance(blocks, str) else list(blocks)
     overlapping = [(a, b) for a in names for b in names if b.startswith(a + ".")]
     if overlapping:
         raise ValueError(f"blocks overlap: {overlapping[0][0]!r} contains {overlapping[0][1]!r}; give disjoint blocks")
-    batches = _batches(data, batch_size, max_samples, device)
+    batches = _batches(data, batch_size, max_samples, home)
     modes = converted.training, original.training
     converted.eval(), original.eval()  # normalizers keep their statistics, dropout is off
     staged = _Staged(converted, original, names)
@@ -614,9 +624,18 @@ def reconstruct(
                 with torch.no_grad():
                     for j, t in enumerate(targets):  # in place: one batch more at a time, not a second set
                         targets[j] = norm(t)
-            row = _fit_block(staged.converted[name], staged.original[name], staged.sources[name], captured, targets, steps=steps, lr=lr,
+            modules = (staged.converted[name], staged.original[name], staged.sources[name])
+            if offload:  # this block alone, and what it is fitted on, go to the device
+                captured, targets = _moved(captured, device), _moved(targets, device)
+                for module in modules:
+                    module.to(device)
+            row = _fit_block(*modules, captured, targets, steps=steps, lr=lr,
                              train=train, refit=refit, plateau=plateau, autocast=autocast, scaler=scaler, progress=verbose,
                              desc=f"block {i + 1}/{len(names)} {name}")  # fmt: skip
+            if offload:
+                for module in modules:
+                    module.to(home)
+                row["offloaded"] = sum(p.numel() * p.element_size() for p in modules[0].parameters())
             row["feed_seconds"] = round(feed_seconds, 3)
             rows.append(
                 {"block": name, **{k: float(f"{v:.6g}") if isinstance(v, float) else v for k, v in row.items()}}
@@ -628,7 +647,7 @@ def reconstruct(
         staged.close()
         converted.train(modes[0]), original.train(modes[1])
     result = {"samples": sum(b[0].shape[0] for b in batches), "batch_size": batch_size, "lr": lr, "train": train,
-              "amp": amp, "seconds": round(time.perf_counter() - started, 3),
+              "amp": amp, "offload": offload, "seconds": round(time.perf_counter() - started, 3),
               "time": {"original activations": round(target_seconds, 3),
                        "feeding blocks": round(sum(r["feed_seconds"] for r in rows), 3),
                        "refit": round(sum(r["refit_seconds"] for r in rows), 3),

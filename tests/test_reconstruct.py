@@ -187,6 +187,38 @@ def test_holds_one_block_and_leaves_the_network_as_it_was():
         assert torch.isfinite(converted(x)).all()
 
 
+def test_offload_moves_each_block_alone_and_fits_it_as_without(monkeypatch):
+    """offload=True, forced on the CPU: each block (converted, original) goes to the device and back by
+    itself, never the whole network, and the fit is the one without offloading, bit for bit."""
+    original = trained_like(TinyResNet())
+    x = torch.rand(32, 1, 8, 8)
+    plain = cosconvert.convert(original, strip_norms="fold")
+    torch.manual_seed(0)
+    want = reconstruct(plain, original, [x], blocks=["layer1.0", "layer1.1"], steps=5, batch_size=16)
+    offloaded = cosconvert.convert(original, strip_norms="fold")
+    moved, to = [], nn.Module.to
+
+    def spy(self, *args, **kwargs):
+        moved.append((self, str(args[0]) if args else str(kwargs)))
+        return to(self, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "to", spy)
+    torch.manual_seed(0)
+    got = reconstruct(offloaded, original, [x], blocks=["layer1.0", "layer1.1"], steps=5, batch_size=16,
+                      device="cpu", offload=True)  # fmt: skip
+    monkeypatch.undo()
+    whole = [m for m, _ in moved if m is offloaded or m is original]
+    assert len(whole) == 2, "each network moves once, to stay on the CPU; never to the device"
+    parts = [m for m, _ in moved if m is not offloaded and m is not original]
+    size = sum(p.numel() for p in offloaded.parameters())
+    assert len(parts) >= 2 * 2 * 2, "each block (converted and original) moves there and back"
+    assert all(parts.count(m) % 2 == 0 and sum(p.numel() for p in m.parameters()) < size / 2 for m in parts)
+    assert got["offload"] and all(row["offloaded"] > 0 for row in got["blocks"])
+    for a, b in zip(plain.state_dict().values(), offloaded.state_dict().values()):
+        assert torch.equal(a, b)
+    assert [r["loss_after"] for r in got["blocks"]] == [r["loss_after"] for r in want["blocks"]]
+
+
 @pytest.mark.slow
 def test_transformer_layers_with_keyword_inputs():
     """BERT's layers are called with an attention mask as well as the hidden states."""
