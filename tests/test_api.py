@@ -301,3 +301,18 @@ def test_export_of_a_model_returning_a_cache_names_it_and_says_use_cache_false(t
     message = str(err.value)
     assert "\n" not in message and "DynamicCache" in message and re.search(r"use_cache\s*=\s*False", message)
     assert not path.exists()
+
+
+def test_every_public_name_and_submodule_resolves_in_a_fresh_process():
+    """The package imports its names on first use: each of __all__, and submodules as attributes."""
+    import subprocess
+    import sys
+
+    code = (
+        "import cosconvert\n"
+        "for name in cosconvert.__all__:\n    getattr(cosconvert, name)\n"
+        "assert callable(cosconvert.convert) and callable(cosconvert.finetune) and callable(cosconvert.freeze)\n"
+        "print(cosconvert.errors.InputError.code, cosconvert.onnx.export_onnx.__name__)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.split() == ["2", "export_onnx"], proc.stderr
