@@ -57,7 +57,8 @@ TWINS: dict[Callable, Callable] = {
 MATMULS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, operator.matmul, torch.mm, torch.Tensor.mm,
            torch.bmm, torch.Tensor.bmm}  # fmt: skip
 GROUPED_MMS = {torch._grouped_mm, *([F.grouped_mm] if hasattr(F, "grouped_mm") else [])}
-PRODUCTS = MATMULS | GROUPED_MMS | {torch.einsum}
+BADDBMMS = {torch.baddbmm, torch.Tensor.baddbmm}  # beta * input + alpha * (batch1 @ batch2)
+PRODUCTS = MATMULS | GROUPED_MMS | BADDBMMS | {torch.einsum}
 
 
 @dataclasses.dataclass
@@ -73,7 +74,7 @@ class Product:
 
 
 def product(func, args: tuple, kwargs: dict, weighted: Callable = None) -> Product | None:
-    """``func(*args, **kwargs)`` as a :class:`Product`, where it is a matmul, einsum or grouped product
+    """``func(*args, **kwargs)`` as a :class:`Product`, where it is a matmul, baddbmm, einsum or grouped product
     of two operands exactly one of which is ``weighted`` (default :func:`is_weight`); else None."""
     weighted = weighted or is_weight
     if func in MATMULS and len(args) == 2 and not kwargs:
@@ -81,6 +82,8 @@ def product(func, args: tuple, kwargs: dict, weighted: Callable = None) -> Produ
     elif func is torch.einsum and len(args) >= 2 and not kwargs:
         operands = tuple(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else tuple(args[1:])
         twin, extra = functools.partial(CF.cosine_einsum, args[0]), {}
+    elif func in BADDBMMS and len(args) == 3 and set(kwargs) <= {"beta", "alpha"}:
+        twin, operands, extra = CF.cosine_baddbmm, tuple(args[1:]), {"input": args[0], **kwargs}
     elif func in GROUPED_MMS and len(args) >= 2:
         twin, operands, extra = (
             CF.cosine_grouped_mm,

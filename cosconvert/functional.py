@@ -702,6 +702,17 @@ def cosine_matmul(
     return cosine_einsum(matmul_equation(a.dim(), b.dim()), a, b, weight=weight, centered=centered, eps=eps, gain=gain)
 
 
+def cosine_baddbmm(
+    batch1: Tensor, batch2: Tensor, *, input: Tensor, beta: float = 1, alpha: float = 1, weight: int = 1,
+    centered: bool = False, eps: float = 1e-6, gain: Tensor | None = None,
+) -> Tensor:  # fmt: skip
+    """``torch.baddbmm(input, batch1, batch2)``, ``beta * input + alpha * (batch1 @ batch2)``, with the
+    product as cosines (RecurrentGemma's gates: a weight per head, ``batch2 (heads, in, out)``, and a bias)."""
+    out = cosine_matmul(batch1, batch2, weight=weight, centered=centered, eps=eps, gain=gain)
+    out = out if alpha == 1 else alpha * out
+    return out if beta == 0 else out + (input if beta == 1 else beta * input)
+
+
 def cosine_grouped_mm(
     a: Tensor, b: Tensor, offs: Tensor | None = None, bias: Tensor | None = None, out_dtype=None, *,
     weight: int = 1, centered: bool = False, eps: float = 1e-6, gain: Tensor | None = None,

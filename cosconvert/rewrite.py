@@ -212,7 +212,6 @@ _RECURRENT = "recurrent layer: its gate dot products run inside one fused op"
 UNCONVERTED = {
     F.conv_transpose1d: _TRANSPOSED, F.conv_transpose2d: _TRANSPOSED, F.conv_transpose3d: _TRANSPOSED,
     F.bilinear: "bilinear form x1^T W x2, not a dot product with one input",
-    torch.baddbmm: "a batched product added to a tensor, not converted",
     torch.addbmm: "a batched product added to a tensor, not converted",
     # ATen spellings, as in torch.export programs (.pt2)
     torch.ops.aten.conv_transpose1d.default: _TRANSPOSED, torch.ops.aten.conv_transpose2d.input: _TRANSPOSED,
@@ -221,7 +220,8 @@ UNCONVERTED = {
     torch.ops.aten.gru.input: _RECURRENT, torch.ops.aten.lstm.input: _RECURRENT, torch.ops.aten.rnn_tanh.input: _RECURRENT,
     torch.ops.aten.rnn_relu.input: _RECURRENT,
 }  # fmt: skip
-_METHOD_PRODUCTS = {"matmul": torch.matmul, "__matmul__": torch.matmul, "mm": torch.mm, "bmm": torch.bmm}
+_METHOD_PRODUCTS = {"matmul": torch.matmul, "__matmul__": torch.matmul, "mm": torch.mm, "bmm": torch.bmm,
+                    "baddbmm": torch.baddbmm}  # fmt: skip
 _VIEW_METHODS = {"t", "transpose", "permute", "view", "unsqueeze", "squeeze", "expand", "unflatten", "__getitem__"}
 _VIEW_FUNCTIONS = {torch.t, torch.transpose, torch.permute, torch.unsqueeze, torch.squeeze, operator.getitem}
 

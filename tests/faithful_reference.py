@@ -115,6 +115,11 @@ class CosineReference(TorchFunctionMode):
         if func is torch.einsum and len(args) == 3 and weights.count(True) == 1:
             self.calls["einsum"] += 1
             return _product_cosine(functools.partial(torch.einsum, args[0]), *args[1:], self.eps).to(args[1].dtype)
+        if func in (torch.baddbmm, torch.Tensor.baddbmm) and len(args) == 3 and [_is_weight(a) for a in args[1:]].count(True) == 1:
+            self.calls["baddbmm"] += 1
+            beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
+            out = alpha * _product_cosine(torch.matmul, args[1], args[2], self.eps) + beta * args[0].double()
+            return out.to(args[1].dtype)
         if func in GROUPED and weights.count(True) == 1:
             self.calls["grouped_mm"] += 1
             offs = kwargs.get("offs", args[2] if len(args) > 2 else None)

@@ -178,6 +178,21 @@ def hf_swin():  # its probe at a small size shrinks window_size, which must not 
     return transformers.SwinModel(config)
 
 
+def hf_recurrent_gemma():  # its RG-LRU gates: products of an activation with a weight parameter
+    config = transformers.RecurrentGemmaConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=1, lru_width=32, attention_window_size=16, head_dim=8,
+        block_types=["recurrent", "recurrent", "attention"],
+    )  # fmt: skip
+    return transformers.RecurrentGemmaModel(config)
+
+
+def hf_mgpstr():  # a ViT over 32x128 text images with three heads
+    config = transformers.MgpstrConfig(image_size=[32, 128], patch_size=4, hidden_size=32, num_hidden_layers=2,
+                                       num_attention_heads=4, mlp_ratio=2.0)  # fmt: skip
+    return transformers.MgpstrForSceneTextRecognition(config)
+
+
 def vit_images():
     x2, x3 = torch.randn(2, 3, 32, 32), torch.randn(3, 3, 48, 48)
     return [((), {"pixel_values": x2}), ((), {"pixel_values": x3, "interpolate_pos_encoding": True})]
@@ -201,6 +216,11 @@ HF = {
     "MixtralModel": (hf_mixtral, lambda: tokens((2, 7), (3, 11), mask=(1,))),
     "Qwen3MoeModel": (hf_qwen3_moe, lambda: tokens((2, 7), (3, 11), mask=(1,))),
     "SwinModel": (hf_swin, lambda: [((torch.randn(1, 3, 224, 224),), {})]),
+    "RecurrentGemmaModel": (hf_recurrent_gemma, lambda: tokens((2, 9), (3, 11))),
+    "MgpstrForSceneTextRecognition": (
+        hf_mgpstr,
+        lambda: [((torch.randn(2, 3, 32, 128),), {}), ((torch.randn(3, 3, 32, 128),), {})],
+    ),
 }
 
 # torchvision: name -> (extra get_model arguments, input sets)

@@ -152,3 +152,37 @@ def test_stripped_normalizer_prints_as_what_runs(mode):
     converted = cosconvert.convert(Top().eval(), strip_norms=mode, example_inputs=(torch.randn(2, 8),))
     assert isinstance(converted.block.norm, nn.Identity), converted
     assert "LayerNorm" not in str(converted)
+
+
+class Gates(nn.Module):
+    """RecurrentGemma's gates: ``torch.baddbmm(bias, x, W)`` with a weight per head, ``W (heads, in, out)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(2, 4, 4))
+        self.bias = nn.Parameter(torch.randn(2, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (tokens, 8) -> (tokens, 8)
+        heads = x.view(-1, 2, 4).transpose(0, 1)
+        out = torch.baddbmm(self.bias[:, None, :], heads, self.weight)
+        return torch.sigmoid(out.transpose(0, 1).reshape(x.shape))
+
+
+class GatesFallback(Gates):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 1e9:
+            x = x * 0
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("cls", [Gates, GatesFallback])
+def test_a_batched_product_with_a_weight_and_a_bias_is_converted(cls):
+    """``baddbmm`` is ``bias + x @ W`` per head: converted (graph and fallback alike) and faithful."""
+    torch.manual_seed(0)
+    model, x = cls().eval(), torch.randn(5, 8)
+    converted = cosconvert.convert(model, gain="none", example_inputs=(x,))
+    ref, mode = reference_outputs(model, x)
+    assert mode.calls["baddbmm"] == 1
+    with torch.no_grad():
+        assert _rel(converted(x), ref) < 1e-5
+    assert not converted.cosine_report.skipped
