@@ -5,6 +5,9 @@
 - ``multilabel``: ``(N, units)`` values all in [0, 1] that are not a softmax (sigmoid heads, a pitch
   tracker's bins): per-unit agreement as the Jaccard index of the units each model puts above 0.5
   (two empty sets agree), and top-1 agreement beside it.
+- ``tokens``: a language model's ``(N, T, vocab)`` logits (an output with ``.logits``, as transformers'
+  causal LMs return): top-1 agreement per token, the share of positions whose next-token argmax is the
+  reference's.
 - ``embedding``: anything else (features, regression, sequences): the output cosine and the
   relative squared error ``|out - ref|^2 / |ref|^2``.
 
@@ -24,7 +27,8 @@ from cosconvert.distributed import all_sum
 
 __all__ = ["Agreement", "agreement", "output_kind", "first_output", "score"]
 
-HEADLINE = {"classifier": "top1_agreement", "multilabel": "unit_agreement", "embedding": "output_cosine"}
+HEADLINE = {"classifier": "top1_agreement", "multilabel": "unit_agreement", "tokens": "top1_agreement",
+            "embedding": "output_cosine"}  # fmt: skip
 
 
 def first_output(out) -> Tensor:
@@ -56,18 +60,25 @@ class Agreement:
     def __init__(self) -> None:
         self.kind: str | None = None
         self.count = 0
-        self.sums = {"cosine": 0.0, "top1": 0.0, "units": 0.0, "err": 0.0, "power": 0.0}
+        self.sums = {"cosine": 0.0, "top1": 0.0, "units": 0.0, "err": 0.0, "power": 0.0, "positions": 0.0}
 
     def add(self, ref, out) -> None:
-        ref, out = first_output(ref).detach(), first_output(out).detach()
-        self.kind = self.kind or output_kind(ref)
+        logits = getattr(ref, "logits", None)
+        ref, out = first_output(ref), first_output(out).detach()
+        if self.kind is None:  # a language model's output leads with its (N, T, vocab) logits
+            tokens = isinstance(logits, Tensor) and logits.dim() == 3 and logits is ref
+            self.kind = "tokens" if tokens else output_kind(ref)
+        ref = ref.detach()
         rows = len(ref) if ref.dim() else 1
         r, o = ref.reshape(rows, -1).double(), out.reshape(rows, -1).double()
         s = self.sums
         s["cosine"] += F.cosine_similarity(r, o, dim=1).sum().item()
         s["err"] += (o - r).pow(2).sum().item()
         s["power"] += r.pow(2).sum().item()
-        if self.kind != "embedding":
+        if self.kind == "tokens":
+            s["top1"] += (ref.argmax(-1) == out.argmax(-1)).sum().item()
+            s["positions"] += ref[..., 0].numel()
+        elif self.kind != "embedding":
             s["top1"] += (r.argmax(1) == o.argmax(1)).sum().item()
         if self.kind == "multilabel":
             a, b = r > 0.5, o > 0.5
@@ -88,6 +99,8 @@ class Agreement:
         }
         if self.kind in ("classifier", "multilabel"):
             out["top1_agreement"] = keep(100.0 * s["top1"] / n, 2)
+        if self.kind == "tokens":
+            out["top1_agreement"] = keep(100.0 * s["top1"] / max(s["positions"], 1), 2)
         if self.kind == "multilabel":
             out["unit_agreement"] = keep(100.0 * s["units"] / n, 2)
         return out

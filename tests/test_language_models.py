@@ -111,3 +111,18 @@ def test_a_trained_language_model_is_recovered_within_ten_percent_of_its_perplex
     assert rows["calibrated"] <= rows["converted"], rows
     assert rows["reconstructed"] <= 1.05 * rows["original"], rows  # measured: +2.2%, calibrated alone +11.5%
     assert rows["reconstructed + 1 epoch distillation"] <= 1.1 * rows["original"], rows
+
+
+def test_agreement_with_a_language_model_is_per_token_top1():
+    """A causal LM's logits are judged token by token: the share of positions whose next-token argmax
+    matches, computed here by hand."""
+    from cosconvert.agreement import agreement
+
+    model = causal_lm("llama")
+    converted = cosconvert.convert(model, strip_norms="fold", example_inputs=(tokens(2, 12),))
+    batches = [(tokens(2, 12, seed=4),), (tokens(3, 12, seed=5),)]
+    result = agreement(model, converted, batches)
+    with torch.no_grad():
+        same = [(model(*b).logits.argmax(-1) == converted(*b).logits.argmax(-1)).flatten() for b in batches]
+    assert result["kind"] == "tokens"
+    assert result["top1_agreement"] == round(100.0 * float(torch.cat(same).float().mean()), 2)
