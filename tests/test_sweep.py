@@ -33,13 +33,16 @@ NAMED = {
 }  # fmt: skip
 
 
+def judged(source: str, name: str) -> dict:
+    """The sweep's row for one model (a timm model by its own name, not its family's smallest)."""
+    build = (lambda: sweep._timm(name)) if source == "timm" else sweep.SOURCES[source]()[name]
+    return sweep.judge(build, max_params=int(150e6))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("source", "name"), [(s, n) for s, names in SAMPLE.items() for n in names])
 def test_sweep_sample(source, name):
-    cases = {"timm": lambda: {n: (lambda n=n: sweep._timm(n)) for n in SAMPLE["timm"]}}.get(
-        source, sweep.SOURCES[source]
-    )()
-    row = sweep.judge(cases[name], max_params=int(150e6))
+    row = judged(source, name)
     assert row["status"] in ("faithful", "partial"), row
     assert row["reference_calls"] > 0
 
@@ -47,10 +50,7 @@ def test_sweep_sample(source, name):
 @pytest.mark.slow
 @pytest.mark.parametrize(("source", "name"), [(s, n) for s, names in NAMED.items() for n in names])
 def test_the_models_the_issue_names(source, name):
-    cases = {"timm": lambda: {n: (lambda n=n: sweep._timm(n)) for n in NAMED["timm"]}}.get(
-        source, sweep.SOURCES[source]
-    )()
-    row = sweep.judge(cases[name], max_params=int(150e6))
+    row = judged(source, name)
     assert row["status"] == NAMED[source][name], row
     if row["status"] == "partial":  # the report names what it left as a dot product
         assert row["skipped"] > 0, row
