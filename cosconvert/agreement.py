@@ -118,5 +118,7 @@ def agreement(reference: nn.Module, model: nn.Module, batches: Iterable[tuple]) 
     running = Agreement()
     for inputs in batches:
         running.add(reference(*inputs), model(*inputs))
-    running.sums, running.count = all_sum(running.sums), int(all_sum({"n": running.count})["n"])
+    totals = all_sum({**running.sums, "samples": running.count})  # under torchrun: every rank's batches
+    running.count = int(totals.pop("samples"))
+    running.sums = totals
     return running.result()

@@ -5,8 +5,8 @@ while it is active (``F.linear``, ``F.convNd``, ``torch.addmm`` with a weight ``
 as its matrix, as transformers' ``Conv1D`` computes a linear layer, and a product of an
 activation with a weight: ``x @ W.T``, ``einsum``, grouped experts' ``_grouped_mm``) as its
 cosine twin; inside ``F.multi_head_attention_forward`` too, whose projections it sees. The
-converter uses it around the few places a graph pass cannot rewrite: functions that fx records as opaque leaves (``torch.fx.wrap``) and modules whose forward
-cannot be traced faithfully. :class:`DotProductCalls` watches a run and records which layer
+converter uses it around the few places a graph pass cannot rewrite: functions that fx records
+as opaque leaves (``torch.fx.wrap``) and modules whose forward cannot be traced faithfully. :class:`DotProductCalls` watches a run and records which layer
 calls ran plain and which :class:`CosineCalls` turned into cosines.
 """
 

@@ -6,7 +6,7 @@ goes down the module tree from the root:
 
 1. a layer of :mod:`cosconvert.layers` that keeps its torch forward (``nn.Linear`` /
    ``nn.ConvNd`` / ``nn.MultiheadAttention``) is swapped for its :mod:`cosconvert.nn` twin,
-   with a copy of its weights, if :mod:`cosconvert.selection` selects it;
+   which holds the working copy's weights, if :mod:`cosconvert.selection` selects it;
 2. a normalizer is stripped as ``strip_norms`` asks (:mod:`cosconvert.strip`);
 3. any other module, a layer subclass with a forward of its own (same-padding, weight
    standardization, LoRA) included, is traced with fx (:mod:`cosconvert.trace`) and its graph

@@ -62,11 +62,14 @@ def distillation_loss(
     return kl * t * t
 
 
-def _tokens(batch) -> dict | None:
-    """A language model's batch, ``{"input_ids": ..., "attention_mask": ...}``, as keyword inputs; else None."""
+def _split(batch) -> tuple[tuple, dict, torch.Tensor | None, torch.Tensor | None]:
+    """A batch as (positional inputs, keyword inputs, labels, token mask). A language model's batch,
+    ``{"input_ids": ..., "attention_mask": ...}``, goes in as keywords, and its mask says which tokens
+    its per-token distillation counts (all of them without one); it has no labels."""
     if isinstance(batch, dict) and "input_ids" in batch:
-        return {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
-    return None
+        named = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+        return (), named, None, named.get("attention_mask", torch.ones_like(named["input_ids"]))
+    return batch_inputs(batch), {}, _labels(batch), None
 
 
 def _labels(batch):
@@ -88,7 +91,6 @@ def _to(batch, device):
 
 
 @torch.no_grad()
-@torch.no_grad()
 def evaluate(model: nn.Module, data, teacher: nn.Module | None = None) -> dict:
     """Accuracy (%, where batches carry labels), and with a ``teacher`` the headline agreement with it
     (:func:`cosconvert.agreement.score`: top-1 agreement % for a classifier, per-unit agreement % for
@@ -99,14 +101,13 @@ def evaluate(model: nn.Module, data, teacher: nn.Module | None = None) -> dict:
     correct = labelled = 0
     running = Agreement()
     for batch in data:
-        batch = _to(batch, device)
-        inputs, y = batch_inputs(batch), _labels(batch)
-        out = model(*inputs)
+        inputs, named, y, _ = _split(_to(batch, device))
+        out = model(*inputs, **named)
         if y is not None:
             correct += (first_output(out).argmax(1) == y).sum().item()
             labelled += y.shape[0]
         if teacher is not None:
-            running.add(teacher.eval()(*inputs), out)
+            running.add(teacher.eval()(*inputs, **named), out)
     model.train(was_training)
     result = {}
     if labelled:
@@ -278,10 +279,7 @@ def finetune(
             if step < skip:
                 continue
             batch = _to(batch, device)
-            tokens = _tokens(batch)  # a language model's: its logits are distilled per token, padding masked
-            inputs, named = ((), tokens) if tokens else (batch_inputs(batch), {})
-            y = None if tokens else _labels(batch)
-            mask = None if not tokens else tokens.get("attention_mask", torch.ones_like(tokens["input_ids"]))
+            inputs, named, y, mask = _split(batch)  # mask: a language model's, distilled per token
             with autocast:
                 out = first_output(net(*inputs, **named))  # a transformers output: its logits
                 loss = torch.zeros((), device=device)
