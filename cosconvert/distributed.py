@@ -1,17 +1,23 @@
 """The process group a run is part of, under ``torchrun``: its rank and size, and sums across it.
 
-Fine-tuning splits the data across ranks; calibration sums its statistics across them, so every
-rank fits the same gains from all of the data.
+Fine-tuning and reconstruction split the data across ranks; calibration sums its statistics across
+them, so every rank fits the same gains from all of the data. A model sharded with FSDP2
+(``fully_shard``) reduces its own gradients; a replicated one has them averaged here, as DDP would.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, distribute_tensor
 
-__all__ = ["rank_and_world", "all_sum"]
+__all__ = ["rank_and_world", "all_sum", "average_gradients", "fsdp_modules", "whole_parameters"]
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -40,3 +46,44 @@ def all_sum(values: dict) -> dict:
         was = values[key]
         out[key] = part.reshape(was.shape).to(was.device) if isinstance(was, torch.Tensor) else part.item()
     return out
+
+
+def average_gradients(params: Iterable[torch.Tensor]) -> None:
+    """Average the gradients of replicated parameters over the ranks, as DDP does. FSDP2's sharded
+    parameters (DTensors) are left alone: FSDP reduces their gradients itself in the backward."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    for p in params:
+        if p.grad is not None and not isinstance(p, DTensor):
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
+
+
+def fsdp_modules(module: nn.Module) -> list[FSDPModule]:
+    """The modules at or under ``module`` that FSDP2's ``fully_shard`` sharded."""
+    return [m for m in module.modules() if isinstance(m, FSDPModule)]
+
+
+@contextmanager
+def whole_parameters(module: nn.Module) -> Iterator[None]:
+    """FSDP2: ``module``'s parameters gathered whole for the duration (forward passes included), and
+    what is written to them kept: on the way out each is scattered back into its rank's shard. FSDP
+    itself would drop such writes when it reshards. Without FSDP this does nothing."""
+    sharded = fsdp_modules(module)
+    if not sharded:
+        yield
+        return
+    for m in sharded:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        written = {name: p.detach().clone() for name, p in module.named_parameters()}
+        for m in sharded:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                if isinstance(p, DTensor):
+                    p.copy_(distribute_tensor(written[name], p.device_mesh, p.placements))

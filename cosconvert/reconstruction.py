@@ -29,6 +29,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
@@ -36,6 +38,7 @@ from cosconvert import functional as CF
 from cosconvert.amp import mixed_precision
 from cosconvert.calibration import LayerFits
 from cosconvert.data import batch_inputs, load_data
+from cosconvert.distributed import all_sum, average_gradients, fsdp_modules, rank_and_world, whole_parameters
 from cosconvert.layers import LAYERS, LEAVES
 from cosconvert.trace import fetch, trace
 
@@ -299,6 +302,43 @@ def _batches(data, batch_size: int, max_samples: int, device: torch.device) -> l
     return out
 
 
+def _caches_off(*models: nn.Module) -> list[tuple[object, bool]]:
+    """Turn off a transformers model's key/value cache (``config.use_cache``): a cache in a block's
+    captured inputs would grow at every step trained on it. Returns what to put back."""
+    configs = {id(c): c for m in models if hasattr(c := getattr(m, "config", None), "use_cache")}
+    saved = [(c, c.use_cache) for c in configs.values()]
+    for config, _ in saved:
+        config.use_cache = False
+    return saved
+
+
+def _split(batches: list[tuple]) -> list[tuple]:
+    """Under torchrun, this rank's share of the batches (every rank the same number of them, since
+    each step is a collective); else all of them."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return batches
+    if len(batches) < world:
+        raise ValueError(f"reconstruct got {len(batches)} batches for {world} ranks: give at least one batch per rank")
+    return batches[rank : len(batches) // world * world : world]
+
+
+def _check_sharding(converted: nn.Module, blocks: Sequence[str], offload: bool) -> None:
+    """FSDP2: each block must be a ``fully_shard``-ed module of its own, since it is called (and its
+    gradients reduced) on its own; a block whose weights an enclosing module shards cannot be."""
+    if not fsdp_modules(converted):
+        return
+    if offload:
+        raise ValueError("offload=True moves whole blocks between devices; a model sharded with FSDP2 cannot be offloaded")
+    for name in blocks:
+        block = converted.get_submodule(name)
+        if any(isinstance(p, DTensor) for p in block.parameters()) and not isinstance(block, FSDPModule):
+            raise ValueError(
+                f"block {name!r} is sharded by an enclosing module: shard it with fully_shard(model.get_submodule({name!r})) "
+                "before the model, or leave it out of blocks="
+            )
+
+
 # -- fitting ------------------------------------------------------------------------------------
 class _Stop(Exception):
     """Raised by the capture hook: the rest of the forward pass is not needed."""
@@ -434,15 +474,16 @@ def _mse(out, target) -> Tensor:
 @torch.no_grad()
 def _mean_loss(block: nn.Module, captured, targets, autocast) -> tuple[float, float]:
     """The block's mean MSE to its targets, and the mean cosine of each sample's output with its target."""
-    total, cosine, count = 0.0, 0.0, 0
+    sums = {"mse": 0.0, "cosine": 0.0, "samples": 0, "batches": len(captured)}
     for (args, kwargs), target in zip(captured, targets):
         with autocast:
             out = block(*args, **kwargs)
-        total += _mse(out, target).item()
+        sums["mse"] += _mse(out, target).item()
         o, t = _leaves(out)[0].flatten(1).double(), _leaves(target)[0].flatten(1).double()
-        cosine += F.cosine_similarity(o, t, dim=1).sum().item()
-        count += len(o)
-    return total / len(captured), cosine / count
+        sums["cosine"] += F.cosine_similarity(o, t, dim=1).sum().item()
+        sums["samples"] += len(o)
+    sums = all_sum(sums)  # under torchrun: over every rank's batches, so every rank decides alike
+    return sums["mse"] / sums["batches"], sums["cosine"] / sums["samples"]
 
 
 @torch.no_grad()
@@ -451,7 +492,7 @@ def _refit(block: nn.Module, source: nn.Module, captured: list[tuple[tuple, dict
     as :func:`cosconvert.calibrate` does, to the original layer (and any normalizer folded into it)
     on the inputs the reconstructed prefix now feeds it. Layers whose weights no longer are the
     original's (trained before) are left alone."""
-    originals = dict(source.named_parameters())
+    originals = {n: p.full_tensor() if isinstance(p, DTensor) else p for n, p in source.named_parameters()}
     only, targets = set(), {}
     for name, weight in block.named_parameters():
         owner, _, attr = name.rpartition(".")
@@ -482,12 +523,14 @@ def _fit_block(
         with torch.no_grad(), autocast:
             targets = [_detach(original_block(*args, **kwargs)) for args, kwargs in captured]
     power = sum(sum(t.float().pow(2).mean().item() for t in _leaves(x)) / len(_leaves(x)) for x in targets)
-    power /= len(targets)
+    power = all_sum({"power": power, "batches": len(targets)})
+    power = power["power"] / power["batches"]
     before, cosine_before = _mean_loss(block, captured, targets, autocast)
     snapshot = [p.detach().clone() for p in block.parameters()]
     refit_started = time.perf_counter()
     if refit:
-        _refit(block, source, captured)
+        with whole_parameters(block):  # FSDP2: the fit writes whole gains, scattered back into the shards
+            _refit(block, source, captured)
     refit_seconds = time.perf_counter() - refit_started
     params = [
         p for n, p in block.named_parameters() if p.requires_grad and (train == "all" or n.endswith(("gain", "bias")))
@@ -515,6 +558,7 @@ def _fit_block(
                 loss = _mse(block(*args, **kwargs), targets[i])
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            average_gradients(params)  # under torchrun, a replicated block learns from every rank's batch
             scaler.step(opt)
             scaler.update()
             sched.step()
@@ -523,7 +567,8 @@ def _fit_block(
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{losses[-1]:.3g}")
             if plateau and len(losses) >= 2 * window and len(losses) % window == 0:
-                now, then = sum(losses[-window:]), sum(losses[-2 * window : -window])
+                windows = all_sum({"now": sum(losses[-window:]), "then": sum(losses[-2 * window : -window])})
+                now, then = windows["now"], windows["then"]
                 if then - now < plateau * then:  # the loss stopped falling: the rest of the steps are wasted
                     taken = step + 1
                     break
@@ -588,6 +633,11 @@ def reconstruct(
             can be recovered. The networks' own passes (each block's inputs, the original's activations)
             run on the CPU.
         verbose: a progress bar per block (on stderr).
+
+    Under torchrun every rank passes the same ``data`` and trains on its share of the batches: the
+    gradients, losses and refit statistics are reduced over the ranks, so every rank ends with the
+    blocks one process would fit on all the batches. Either network may be replicated or sharded with
+    FSDP2 (``fully_shard``); sharded, each block must be a ``fully_shard``-ed module of its own.
     """
     started = time.perf_counter()
     if target not in ("network", "block"):
@@ -602,9 +652,11 @@ def reconstruct(
     overlapping = [(a, b) for a in names for b in names if b.startswith(a + ".")]
     if overlapping:
         raise ValueError(f"blocks overlap: {overlapping[0][0]!r} contains {overlapping[0][1]!r}; give disjoint blocks")
-    batches = _batches(data, batch_size, max_samples, home)
+    batches = _split(_batches(data, batch_size, max_samples, home))
+    _check_sharding(converted, names, offload)
     modes = converted.training, original.training
     converted.eval(), original.eval()  # normalizers keep their statistics, dropout is off
+    caches = _caches_off(converted, original)
     staged = _Staged(converted, original, names)
     names = _call_order(original, names, batches[0])
     rows = []
@@ -646,7 +698,9 @@ def reconstruct(
     finally:
         staged.close()
         converted.train(modes[0]), original.train(modes[1])
-    result = {"samples": sum(b[0].shape[0] for b in batches), "batch_size": batch_size, "lr": lr, "train": train,
+        for config, use_cache in caches:
+            config.use_cache = use_cache
+    result = {"samples": int(all_sum({"n": sum(b[0].shape[0] for b in batches)})["n"]), "batch_size": batch_size, "lr": lr, "train": train,
               "amp": amp, "offload": offload, "seconds": round(time.perf_counter() - started, 3),
               "time": {"original activations": round(target_seconds, 3),
                        "feeding blocks": round(sum(r["feed_seconds"] for r in rows), 3),

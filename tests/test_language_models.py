@@ -94,6 +94,19 @@ def test_a_causal_lm_distils_from_its_original_on_padded_batches():
     assert log[-1]["loss"] < 0.7 * log[0]["loss"], log
 
 
+def test_reconstruct_takes_the_decoder_layers_as_blocks_with_the_key_value_cache_on():
+    """A model built with its cache on (transformers' default): each layer's captured inputs would hold a
+    cache that grows at every step (and backward fails on its second step); reconstruct turns it off
+    while it runs and puts it back."""
+    model = causal_lm("llama")
+    model.config.use_cache = True
+    converted = cosconvert.convert(model, example_inputs=(tokens(2, 12),))
+    result = cosconvert.reconstruct(converted, model, tokens(16, 12, seed=3), steps=20, batch_size=8)
+    assert [row["block"] for row in result["blocks"]] == ["model.layers.0", "model.layers.1", "lm_head"]
+    assert all(row["cosine_after"] > row["cosine_before"] for row in result["blocks"]), result["blocks"]
+    assert model.config.use_cache and converted.config.use_cache
+
+
 @pytest.mark.slow
 def test_a_trained_language_model_is_recovered_within_ten_percent_of_its_perplexity():
     """examples/language_model.py: a Llama-style model trained on the Rotten Tomatoes text, converted with its
