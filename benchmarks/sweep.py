@@ -101,6 +101,11 @@ SHRINK = {
     "decoder_attention_heads": 4, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64, "num_layers": 2, "n_layer": 2,
     "n_head": 4, "n_embd": 32, "d_ff": 64, "ffn_dim": 64, "projection_dim": 32, "head_dim": 8, "num_experts": 4,
     "num_local_experts": 4, "moe_intermediate_size": 32, "num_experts_per_tok": 2,
+    # multi-head latent attention (DeepSeek-V3): its own head sizes, or the rotary's mismatch head_dim
+    "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8, "kv_lora_rank": 16, "q_lora_rank": 32,
+    "n_routed_experts": 8, "n_group": 2, "topk_group": 1, "first_k_dense_replace": 1,
+    # hybrid models (Jamba): one attention layer among the 2, and one with experts
+    "attn_layer_period": 2, "attn_layer_offset": 0, "expert_layer_period": 2, "expert_layer_offset": 1,
 }  # fmt: skip
 
 
@@ -114,6 +119,13 @@ def _shrunk_fields(config) -> dict:
     text_config, and theirs) as dicts of their own fields, shrunk the same way."""
     fields = config.to_dict()
     kwargs = {k: v for k, v in SHRINK.items() if isinstance(fields.get(k), int)}
+    if "kv_lora_rank" in kwargs and "num_key_value_heads" in kwargs:  # latent attention expands keys to every head
+        kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
+    layers = kwargs.get("num_hidden_layers")
+    if layers and isinstance(fields.get("layer_types"), list):  # every kind of layer the full model has (Qwen3-Next)
+        kinds = list(dict.fromkeys(fields["layer_types"]))
+        kwargs["layer_types"] = [kinds[i % len(kinds)] for i in range(max(layers, len(kinds)))]
+        kwargs["num_hidden_layers"] = len(kwargs["layer_types"])
     for key in getattr(type(config), "sub_configs", {}):
         sub = getattr(config, key, None)
         if hasattr(sub, "to_dict"):
@@ -162,6 +174,9 @@ def _transformers(class_name: str, config_name: str):
     if "input_features" in params and not kwargs:
         frames = 2 * getattr(config, "max_source_positions", 50)
         kwargs["input_features"] = torch.randn(2, getattr(config, "num_mel_bins", 80), frames)
+    if "noise_sequence" in params and "input_features" in kwargs:  # UnivNet: its noise given, not drawn
+        frames = kwargs["input_features"].shape[1]
+        kwargs["noise_sequence"] = torch.randn(2, frames, getattr(config, "model_in_channels", 64))
     if not kwargs:
         raise Harness(f"no input this harness knows for {class_name}.forward")
     return model, (), kwargs
@@ -258,8 +273,9 @@ def judge(build, max_params: int) -> dict:
         return {**row, "status": "failed", "error": first_line(err, with_type=True)[:200], "at": f"{Path(frame.filename).name}:{frame.lineno}"}
     names = {n for n, _ in model.named_modules()}
     skipped = [r["name"] for r in report.skipped if r["name"] in names]
-    row.update(converted=len(report.converted), skipped=len(report.skipped), fallbacks=len(report.fallbacks),
-               cosine_check=report.checks.get("cosine check", ""))  # fmt: skip
+    experts = sum("experts" in r["name"].split(".") for r in report.converted)  # a mixture of experts' calls
+    row.update(converted=len(report.converted), experts=experts, skipped=len(report.skipped),
+               fallbacks=len(report.fallbacks), cosine_check=report.checks.get("cosine check", ""))  # fmt: skip
     try:
         ref, mode = reference_outputs(model, *args, skip=skipped, **kwargs)
     except Exception as err:  # noqa: BLE001 - the judge cannot run the original in float64

@@ -3,6 +3,8 @@
 Written for the tests from the definition alone; it shares no code with the package.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -42,7 +44,7 @@ def cosine_reference(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1,
     n, c = x.shape[:2]
     out_shape = xp.shape[2 : 2 + dims]
     perm = [0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims)]
-    fields = xp.permute(perm).reshape(n, *out_shape, groups, -1)
+    fields = xp.permute(perm).reshape(n, *out_shape, groups, c // groups * math.prod(k))  # n may be 0
     wg = w.reshape(groups, w.shape[0] // groups, -1)
     x_fields = fields
     if centered:
