@@ -13,7 +13,8 @@ folded a normalizer into the layer, the target includes that normalizer.
 Every cosine call is fitted wherever it lives: a cosine module, a rewritten graph's functional
 call, or a call that :class:`~cosconvert.calls.CosineCalls` redirects at run time, since all of them
 pass through :func:`cosconvert.functional.observing`. A call without a bias parameter gets the gain
-alone (a line through zero).
+alone (a line through zero), and so does a product with a weight (``einsum``, ``x @ W.T``, grouped
+experts), one gain per output unit of its weight.
 
 Calibration never leaves a network further from the original than it found it: a layer whose fit
 is worse on its own target than its old gain and bias is put back, and if the whole network then
@@ -78,16 +79,37 @@ class _Fit:
         dim = dim % cos.dim()
         sums: dict = {}
         _add_unit_sums(sums, cos, target, dim)
+        self._take(sums)
+        old = cos * _per_unit(self.saved[0], dim, cos.dim()) + _per_unit(self.saved[1], dim, cos.dim())
+        new = cos * _per_unit(self.gain, dim, cos.dim()) + _per_unit(self.bias, dim, cos.dim())
+        return self._score(old, new, target, cos.dtype)
+
+    def add_product(self, call: CF.ProductCall, target: Tensor) -> Tensor:
+        """Take one product call into the fit (a gain, no bias); the fitted output. Its output is
+        linear in the gain, each unit's output ``g_k c``, so the per-unit sums ``sum c y`` and
+        ``sum c^2`` are the gradients, at a gain of ones, of ``sum out * y`` and ``sum out^2 / 2``,
+        whatever the layout of units in the product."""
+        ones = torch.ones_like(self.gain, dtype=torch.float64, requires_grad=True)
+        with torch.enable_grad():
+            out = call.cosine(ones).double()
+            (cy,) = torch.autograd.grad((out * target.double()).sum(), ones, retain_graph=True)
+            (cc,) = torch.autograd.grad(out.square().sum() / 2, ones)
+        self._take({"cy": cy, "cc": cc, "n": out.numel()})
+        fitted = call.cosine(self.gain)
+        return self._score(call.cosine(self.saved[0]), fitted, target, fitted.dtype)
+
+    def _take(self, sums: dict) -> None:
         for key, value in all_sum(sums).items():  # under torchrun: every rank's call, so every rank fits alike
             self.sums[key] = self.sums.get(key, 0) + value
         self.apply()
-        old = cos * _per_unit(self.saved[0], dim, cos.dim()) + _per_unit(self.saved[1], dim, cos.dim())
-        new = cos * _per_unit(self.gain, dim, cos.dim()) + _per_unit(self.bias, dim, cos.dim())
+
+    def _score(self, old: Tensor, new: Tensor, target: Tensor, dtype: torch.dtype) -> Tensor:
+        """Add the call's error with the old and the fitted gain to the running totals; the fitted output."""
         t = target.double()
         error = {"before": (old.double() - t).pow(2).sum(), "after": (new.double() - t).pow(2).sum(), "power": t.pow(2).sum()}
         for key, value in all_sum(error).items():
             self.error[key] += float(value)
-        return new.to(cos.dtype)
+        return new.to(dtype)
 
     @torch.no_grad()
     def apply(self) -> None:
@@ -141,12 +163,17 @@ class LayerFits:
         self.only = only
         self.fits: dict[tuple, _Fit] = {}
 
-    def __call__(self, call: CF.LayerCall) -> Tensor:
+    def __call__(self, call: CF.LayerCall | CF.ProductCall) -> Tensor:
+        product = isinstance(call, CF.ProductCall)
         if call.gain is None or (self.only is not None and id(call.weight) not in self.only):
-            return call.cosine(call.gain, call.bias)
+            return call.cosine(call.gain) if product else call.cosine(call.gain, call.bias)
         base = call.gain if call.gain._base is None else call.gain._base
         key = (id(base), call.gain.storage_offset(), call.gain.numel())
         fit = self.fits.get(key)
+        if product:
+            if fit is None:
+                fit = self.fits[key] = _Fit(self._name(call, base), call.gain, None, None, None)
+            return fit.add_product(call, call.dot_product())
         if fit is None:
             bias, norm = self.targets.get(id(call.weight), (call.bias, None))
             bias = None if bias is None else bias.detach().clone()
@@ -156,7 +183,7 @@ class LayerFits:
             target = fit.norm(target)
         return fit.add(call.cosine(), target, call.unit_dim)
 
-    def _name(self, call: CF.LayerCall, gain: Tensor) -> str:
+    def _name(self, call: CF.LayerCall | CF.ProductCall, gain: Tensor) -> str:
         """The layer's name: its weight's owner (``layer1.0.conv1``), else its gain's."""
         weight = call.weight if call.weight._base is None else call.weight._base
         name = self.names.get(id(weight)) or self.names.get(id(gain)) or "?"

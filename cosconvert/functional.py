@@ -54,6 +54,7 @@ from torch import Tensor
 
 __all__ = [
     "LayerCall",
+    "ProductCall",
     "observing",
     "cosine_linear",
     "cosine_conv1d",
@@ -365,13 +366,32 @@ class LayerCall:
         return _cosine_conv_math(self.input, self.weight, bias, *self.conv, self.centered, self.eps, gain)
 
 
-_observer: Callable[[LayerCall], Tensor] | None = None
+@dataclasses.dataclass
+class ProductCall:
+    """One cosine product of an activation with a weight (``einsum``, ``matmul``, grouped experts), as
+    :func:`observing` hands it to its observer. Its ``gain`` (shaped like the weight operand, its
+    contracted dimensions of size 1) scales each output unit; ``cosine(gain)`` and ``dot_product()``
+    recompute the call."""
+
+    weight: Tensor
+    gain: Tensor | None
+    cosine: Callable[[Tensor | None], Tensor]
+    plain: Callable[[], Tensor]
+
+    def dot_product(self) -> Tensor:
+        """The plain product this call replaced, left so by any CosineCalls."""
+        with _CosineMath():
+            return self.plain()
+
+
+_observer: Callable[[LayerCall | ProductCall], Tensor] | None = None
 
 
 @contextmanager
-def observing(observer: Callable[[LayerCall], Tensor]) -> Iterator[None]:
+def observing(observer: Callable[[LayerCall | ProductCall], Tensor]) -> Iterator[None]:
     """While active, every cosine layer call (a cosine module's, a rewritten graph's, or one that
-    CosineCalls redirects) is handed to ``observer``, whose return value becomes its output.
+    CosineCalls redirects) is handed to ``observer`` as a :class:`LayerCall`, and every cosine product
+    with a weight as a :class:`ProductCall`; its return value becomes the call's output.
     Calibration fits each layer's gain this way, wherever the layer lives."""
     global _observer
     previous, _observer = _observer, observer
@@ -689,6 +709,14 @@ def cosine_einsum(
     dims = contracted_dims(equation, (a.dim(), b.dim()))
     if dims is None:
         raise ValueError(f"einsum {equation!r} is not a linear map of one operand by the other")
+    if _observed():
+        return _observer(ProductCall((a, b)[weight], gain,
+                                     lambda g: _cosine_einsum(equation, a, b, dims, weight, centered, eps, g),
+                                     lambda: torch.einsum(equation, a, b)))  # fmt: skip
+    return _cosine_einsum(equation, a, b, dims, weight, centered, eps, gain)
+
+
+def _cosine_einsum(equation, a, b, dims, weight, centered, eps, gain) -> Tensor:
     out_dtype = torch.promote_types(a.dtype, b.dtype)
     a_n, b_n = _normalized_operands(a, b, dims, weight, centered, eps, gain)
     with _CosineMath():
@@ -719,8 +747,16 @@ def cosine_grouped_mm(
 ) -> Tensor:  # fmt: skip
     """Grouped experts' ``torch._grouped_mm(a, b, offs)`` (``a (tokens, in)``, ``b (experts, in, out)``;
     ``F.grouped_mm`` is the same) as cosines: each token's input with each column of its expert's matrix."""
+    extra = {} if bias is None and out_dtype is None else {"bias": bias, "out_dtype": out_dtype}
+    if _observed():
+        return _observer(ProductCall((a, b)[weight], gain,
+                                     lambda g: _cosine_grouped_mm(a, b, offs, extra, weight, centered, eps, g),
+                                     lambda: torch._grouped_mm(a, b, offs=offs, **extra)))  # fmt: skip
+    return _cosine_grouped_mm(a, b, offs, extra, weight, centered, eps, gain)
+
+
+def _cosine_grouped_mm(a, b, offs, extra, weight, centered, eps, gain) -> Tensor:
     a_n, b_n = _normalized_operands(a, b, ((-1,), (-2,)), weight, centered, eps, gain)
     dtype = torch.promote_types(a.dtype, b.dtype)
-    extra = {} if bias is None and out_dtype is None else {"bias": bias, "out_dtype": out_dtype}
     with _CosineMath():
         return torch._grouped_mm(a_n.to(dtype), b_n.to(dtype), offs=offs, **extra)

@@ -73,6 +73,45 @@ def test_calibration_fits_a_functional_call_by_least_squares_through_zero():
     assert result["per_layer"][0]["layer"] == "0" and result["per_layer"][0]["status"] == "fitted"
 
 
+class WeightProducts(nn.Module):
+    """A linear map written as ``einsum`` with a weight, then grouped experts (``_grouped_mm``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 5))  # (out, in), as einsum "bd,hd->bh"
+        self.experts = nn.Parameter(torch.randn(2, 8, 4))  # (experts, in, out)
+        self.register_buffer("offs", torch.tensor([5, 12], dtype=torch.int32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.einsum("bd,hd->bh", x, self.w).relu().contiguous()
+        return torch._grouped_mm(h, self.experts, offs=self.offs)  # rows 0-4 to expert 0, 5-11 to expert 1
+
+
+def test_calibration_fits_each_unit_of_a_weight_product_by_least_squares_through_zero():
+    """Products with a weight (an einsum, grouped experts) get per-unit gains too: for each unit, the
+    line through zero from its cosines to the original's products, against an independent float64
+    fit (the experts' inputs are the calibrated einsum's outputs, as the pass feeds them)."""
+    torch.manual_seed(0)
+    original, x = WeightProducts().eval(), torch.randn(12, 5) + 0.2
+    converted = cosconvert.convert(original, gain="channel", example_inputs=(x,))
+    result = cosconvert.calibrate(converted, original, [x])
+    gains = {tuple(p.shape): p.detach().double() for n, p in converted.named_parameters() if "gain" in n}
+
+    def fit(cos: torch.Tensor, target: torch.Tensor, dim: int) -> torch.Tensor:
+        return (cos * target).sum(dim) / (cos * cos).sum(dim)
+
+    xd, w, experts = x.double(), original.w.double(), original.experts.double()
+    cos = F.normalize(xd, dim=1) @ F.normalize(w, dim=1).T  # (12, 8)
+    expected = fit(cos, xd @ w.T, 0)
+    torch.testing.assert_close(gains[(8, 1)].flatten(), expected, rtol=1e-5, atol=0)
+    h = (expected * cos).relu()  # what the calibrated einsum feeds the experts
+    for e, rows in enumerate([slice(0, 5), slice(5, 12)]):
+        cos_e = F.normalize(h[rows], dim=1) @ F.normalize(experts[e], dim=0)
+        torch.testing.assert_close(gains[(2, 1, 4)][e, 0], fit(cos_e, h[rows] @ experts[e], 0), rtol=1e-5, atol=0)
+    assert [row["status"] for row in result["per_layer"]] == ["fitted", "fitted"], result["per_layer"]
+    assert result["after"]["output_cosine"] > result["before"]["output_cosine"], result
+
+
 def test_a_batchnorm_kept_as_affine_keeps_its_running_statistics():
     """BatchNorm after an activation cannot fold into a layer; in eval mode it is an affine map, and
     the Affine left in its place computes it exactly."""
