@@ -36,7 +36,8 @@ from cosconvert import functional as CF  # noqa: E402
 
 
 class _LayerErrors:
-    """Wraps the cosine math's conv and linear, recording each call's error against float64."""
+    """Wraps the cosine math every cosine conv and linear call ends in (``conv_normalized``,
+    ``linear_normalized``), recording each call's error against the float64 cosine of its own input."""
 
     def __init__(self) -> None:
         self.worst = 0.0
@@ -44,27 +45,62 @@ class _LayerErrors:
     def _note(self, out: torch.Tensor, ref: torch.Tensor) -> None:
         self.worst = max(self.worst, float((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)))
 
+    @staticmethod
+    def _scaled(cos: torch.Tensor, weight: torch.Tensor, bias, unit_scale, dim: int) -> torch.Tensor:
+        """The call's output from the float64 cosines: ``cos * |w| * unit_scale + bias`` per unit."""
+        scale = weight.double().flatten(1).norm(dim=1)
+        scale = scale if unit_scale is None else scale * unit_scale.double()
+        shape = [1] * cos.dim()
+        shape[dim] = -1
+        out = cos * scale.view(shape)
+        return out if bias is None else out + bias.double().view(shape)
+
     def __enter__(self):
-        self.conv, self.linear = CF._cosine_conv_math, CF._cosine_linear
+        self.conv, self.linear = CF.conv_normalized, CF.linear_normalized
 
-        def conv(input, weight, bias, stride, padding, dilation, groups, centered, eps, gain):
-            out = self.conv(input, weight, bias, stride, padding, dilation, groups, centered, eps, gain)
-            if not isinstance(padding, str) and not centered and gain is None:
-                self._note(out, cosine_reference(input.double(), weight.double(), None if bias is None else bias.double(),
-                                                 stride, padding, dilation, groups, eps=eps))  # fmt: skip
+        def conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, centered=False, eps=1e-6,
+                 unit_scale=None):  # fmt: skip
+            out = self.conv(input, weight, bias, stride, padding, dilation, groups, centered=centered, eps=eps,
+                            unit_scale=unit_scale)  # fmt: skip
+            if not centered and input.dim() == weight.dim():
+                cos = cosine_reference(input.double(), weight.double(), None, stride, padding, dilation, groups, eps=eps)
+                self._note(out, self._scaled(cos, weight, bias, unit_scale, 1))
             return out
 
-        def linear(input, weight, bias, centered, eps, gain):
-            out = self.linear(input, weight, bias, centered, eps, gain)
-            if not centered and gain is None:
-                self._note(out, linear_reference(input.double(), weight.double(), None if bias is None else bias.double(), eps=eps))  # noqa: E501
+        def linear(input, weight, bias=None, *, centered=False, eps=1e-6, unit_scale=None):
+            out = self.linear(input, weight, bias, centered=centered, eps=eps, unit_scale=unit_scale)
+            if not centered:
+                cos = linear_reference(input.double(), weight.double(), eps=eps)
+                self._note(out, self._scaled(cos, weight, bias, unit_scale, -1))
             return out
 
-        CF._cosine_conv_math, CF._cosine_linear = conv, linear
+        CF.conv_normalized, CF.linear_normalized = conv, linear
         return self
 
     def __exit__(self, *exc) -> None:
-        CF._cosine_conv_math, CF._cosine_linear = self.conv, self.linear
+        CF.conv_normalized, CF.linear_normalized = self.conv, self.linear
+
+
+class _Float64Layers:
+    """Every cosine conv and linear call computed in float64 and rounded to its float32 output: the
+    converted network with its layers' own arithmetic exact."""
+
+    def __enter__(self):
+        self.conv, self.linear = CF.conv_normalized, CF.linear_normalized
+
+        def exact(fn):
+            def call(input, weight, bias=None, *args, **kwargs):
+                kwargs = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+                out = fn(input.double(), weight.double(), None if bias is None else bias.double(), *args, **kwargs)
+                return out.to(torch.promote_types(input.dtype, weight.dtype))
+
+            return call
+
+        CF.conv_normalized, CF.linear_normalized = exact(self.conv), exact(self.linear)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        CF.conv_normalized, CF.linear_normalized = self.conv, self.linear
 
 
 def measure(name: str) -> dict:
@@ -79,18 +115,23 @@ def measure(name: str) -> dict:
         out = converted(*args, **kwargs)
     with torch.no_grad(), CosineReference():  # float32 model, each cosine exact then rounded to float32
         judge32 = copy.deepcopy(model)(*args, **kwargs)
-    row = {"model": name, "converted": sweep._rel(out, ref), "judge_f32": sweep._rel(judge32, ref)}
+    with torch.no_grad(), _Float64Layers():
+        exact = converted(*args, **kwargs)
+    row = {"model": name, "converted": sweep._rel(out, ref), "judge_f32": sweep._rel(judge32, ref),
+           "layers_f64": sweep._rel(exact, ref)}  # fmt: skip
     row["ratio"] = row["converted"] / max(row["judge_f32"], 1e-30)
     row["worst_layer"] = layers.worst
     return row
 
 
 def main(names: list[str]) -> None:
-    print(f"{'model':32} {'converted':>10} {'judge f32':>10} {'ratio':>6} {'worst layer':>12}")
+    print(f"{'model':32} {'converted':>10} {'judge f32':>10} {'ratio':>8} {'worst layer':>12} {'layers f64':>11}")
     for name in names:
         r = measure(name)
-        print(f"{name:32} {r['converted']:10.2e} {r['judge_f32']:10.2e} {r['ratio']:6.1f} {r['worst_layer']:12.1e}")
+        print(f"{name:32} {r['converted']:10.2e} {r['judge_f32']:10.2e} {r['ratio']:8.1f} {r['worst_layer']:12.1e} "
+              f"{r['layers_f64']:11.2e}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["MobileNetV1Model", "repghostnet_050", "legacy_xception"])
+    main(sys.argv[1:] or ["PPOCRV5MobileRecModel", "lcnetv2_small", "MobileNetV1Model", "repghostnet_050",
+                          "legacy_xception", "vovnet39a"])
