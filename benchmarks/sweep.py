@@ -101,35 +101,36 @@ SHRINK = {
     "decoder_attention_heads": 4, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64, "num_layers": 2, "n_layer": 2,
     "n_head": 4, "n_embd": 32, "d_ff": 64, "ffn_dim": 64, "projection_dim": 32, "head_dim": 8, "num_experts": 4,
     "num_local_experts": 4, "moe_intermediate_size": 32, "num_experts_per_tok": 2,
+}  # fmt: skip
+# Tried first, with every kind of layer of a config's layer_types kept (else SHRINK alone): the layers and
+# experts that two shrunk layers would otherwise lack.
+SHRINK_MORE = {
     # multi-head latent attention (DeepSeek-V3): its own head sizes, or the rotary's mismatch head_dim
     "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8, "kv_lora_rank": 16, "q_lora_rank": 32,
     "n_routed_experts": 8, "n_group": 2, "topk_group": 1, "first_k_dense_replace": 1,
     # hybrid models (Jamba): one attention layer among the 2, and one with experts
     "attn_layer_period": 2, "attn_layer_offset": 0, "expert_layer_period": 2, "expert_layer_offset": 1,
+    "encoder_sparse_step": 2, "decoder_sparse_step": 2,  # NLLB-MoE: its second layers sparse
 }  # fmt: skip
 
 
-def _shrunk(config_class):
-    """A config built from shrunk keyword arguments (so derived fields follow), its sub-configs too."""
-    return config_class(**_shrunk_fields(config_class()))
-
-
-def _shrunk_fields(config) -> dict:
-    """The keyword arguments of a shrunk ``config``: its sizes cut down, its sub-configs (vision_config,
-    text_config, and theirs) as dicts of their own fields, shrunk the same way."""
+def _shrunk_fields(config, more: bool = True) -> dict:
+    """The keyword arguments of a shrunk ``config``: its sizes cut down (``more``: SHRINK_MORE too, and
+    every kind of layer of ``layer_types`` kept), its sub-configs (vision_config, text_config, and
+    theirs) as dicts of their own fields, shrunk the same way."""
     fields = config.to_dict()
-    kwargs = {k: v for k, v in SHRINK.items() if isinstance(fields.get(k), int)}
+    kwargs = {k: v for k, v in (SHRINK | SHRINK_MORE if more else SHRINK).items() if isinstance(fields.get(k), int)}
     if "kv_lora_rank" in kwargs and "num_key_value_heads" in kwargs:  # latent attention expands keys to every head
         kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
     layers = kwargs.get("num_hidden_layers")
-    if layers and isinstance(fields.get("layer_types"), list):  # every kind of layer the full model has (Qwen3-Next)
+    if more and layers and isinstance(fields.get("layer_types"), list):  # every kind of layer (Qwen3-Next)
         kinds = list(dict.fromkeys(fields["layer_types"]))
         kwargs["layer_types"] = [kinds[i % len(kinds)] for i in range(max(layers, len(kinds)))]
         kwargs["num_hidden_layers"] = len(kwargs["layer_types"])
     for key in getattr(type(config), "sub_configs", {}):
         sub = getattr(config, key, None)
         if hasattr(sub, "to_dict"):
-            kwargs[key] = {**sub.to_dict(), **_shrunk_fields(sub)}
+            kwargs[key] = {**sub.to_dict(), **_shrunk_fields(sub, more)}
     return kwargs
 
 
@@ -151,10 +152,14 @@ def _transformers(class_name: str, config_name: str):
     import transformers
 
     config_class, model_class = getattr(transformers, config_name), getattr(transformers, class_name)
-    try:
-        config = _shrunk(config_class)
-        model = model_class(config)
-    except Exception:  # noqa: BLE001 - a config that does not take these sizes: its defaults
+    for more in (True, False):  # shrunk (derived fields follow the keywords); else its defaults
+        try:
+            config = config_class(**_shrunk_fields(config_class(), more))
+            model = model_class(config)
+            break
+        except Exception:  # noqa: BLE001 - a config that does not take these sizes
+            continue
+    else:
         config = config_class()
         model = model_class(config)
     params = inspect.signature(model.forward).parameters
