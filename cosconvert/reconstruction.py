@@ -657,10 +657,10 @@ def reconstruct(
     modes = converted.training, original.training
     converted.eval(), original.eval()  # normalizers keep their statistics, dropout is off
     caches = _caches_off(converted, original)
-    staged = _Staged(converted, original, names)
-    names = _call_order(original, names, batches[0])
-    rows = []
+    staged, rows = None, []
     try:
+        staged = _Staged(converted, original, names)
+        names = _call_order(original, names, batches[0])
         feeds = _Feeds(staged.run, {name: staged.converted[name] for name in names}, batches)
         # target="network": the original network's own activations at every block, in one pass
         activations = _activations(original, names, batches) if target == "network" else {}
@@ -696,11 +696,13 @@ def reconstruct(
             del captured, targets
         overall.close()
     finally:
-        staged.close()
+        if staged is not None:
+            staged.close()
         converted.train(modes[0]), original.train(modes[1])
         for config, use_cache in caches:
             config.use_cache = use_cache
-    result = {"samples": int(all_sum({"n": sum(b[0].shape[0] for b in batches)})["n"]), "batch_size": batch_size, "lr": lr, "train": train,
+    samples = int(all_sum({"n": sum(b[0].shape[0] for b in batches)})["n"])  # under torchrun: every rank's
+    result = {"samples": samples, "batch_size": batch_size, "lr": lr, "train": train,
               "amp": amp, "offload": offload, "seconds": round(time.perf_counter() - started, 3),
               "time": {"original activations": round(target_seconds, 3),
                        "feeding blocks": round(sum(r["feed_seconds"] for r in rows), 3),
