@@ -22,22 +22,27 @@ SAMPLE = {
 }
 # The models issue 27 names that the harness can judge: a probe that changed the model (DonutSwin), a
 # graft that lost a container's children (naflexvit, mobilenetv5, TimmWrapper), an empty batch (HiggsAudio),
-# grouped and bmm experts (DeepSeek-V3/V4, Qwen3-Next, Jamba), transposed convolutions reported as skipped
+# grouped and bmm experts (DeepSeek-V3/V4, Qwen3-Next, Jamba, OLMoE, GPT-OSS, GLM-4-MoE, Granite-MoE, PhiMoE,
+# MiniMax, Aria), transposed convolutions reported as skipped
 # (SAM-3's vision model, lowformer, UnivNet: "partial"), and the networks that amplify float32 rounding
 # ("precision": float64 matches, or the judge's float32 run misses as much).
 NAMED = {
-    "timm": {"naflexvit_base_patch16_gap": "faithful", "mobilenetv5_base": "faithful", "vovnet39a": "faithful",
+    "timm": {"naflexvit_base_patch16_parfac_gap": "faithful", "mobilenetv5_base": "faithful", "vovnet39a": "faithful",
              "efficientvim_m1": "faithful", "lowformer_b0": "partial", "legacy_xception": "precision",
              "repghostnet_050": "precision"},
     "transformers": {"DonutSwinModel": "faithful", "TimmWrapperModel": "faithful", "MobileNetV2Model": "faithful",
                      "GroupViTModel": "faithful", "HGNetV2Backbone": "faithful", "DeepseekV4Model": "faithful",
                      "DeepseekV3Model": "faithful", "Qwen3NextModel": "faithful", "JambaModel": "faithful",
-                     "HiggsAudioV2ForConditionalGeneration": "faithful", "Sam3VisionModel": "partial",
-                     "UnivNetModel": "partial", "MobileNetV1Model": "precision"},
+                     "HiggsAudioV2ForConditionalGeneration": "faithful", "OlmoeModel": "faithful",
+                     "GptOssModel": "faithful", "Glm4MoeModel": "faithful", "GraniteMoeModel": "faithful",
+                     "PhimoeModel": "faithful", "MiniMaxModel": "faithful", "AriaTextModel": "faithful",
+                     "Sam3VisionModel": "partial", "UnivNetModel": "partial", "MobileNetV1Model": "precision",
+                     "PPOCRV5MobileRecModel": "precision"},
 }  # fmt: skip
 # Mixtures of experts: the experts' own calls are among the converted ones, not only a shared expert's.
 EXPERTS = {"MixtralModel", "Qwen2MoeModel", "Llama4TextModel", "DeepseekV3Model", "DeepseekV4Model",
-           "Qwen3NextModel", "JambaModel"}  # fmt: skip
+           "Qwen3NextModel", "JambaModel", "OlmoeModel", "GptOssModel", "Glm4MoeModel", "GraniteMoeModel",
+           "PhimoeModel", "MiniMaxModel", "AriaTextModel"}  # fmt: skip
 
 
 def judged(source: str, name: str) -> dict:
