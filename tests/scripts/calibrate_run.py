@@ -29,6 +29,7 @@ def main() -> None:
     converted = cosconvert.convert(teacher, strip_norms="fold")
     result = cosconvert.calibrate(converted, teacher, batches()[rank::world])
     torch.save({"state": converted.state_dict(), "status": result["status"]}, out / f"calibrated-rank{rank}.pt")
+    dist.barrier()  # no rank closes its connections while another still uses them
     dist.destroy_process_group()
 
 

@@ -73,6 +73,7 @@ def main() -> None:
              checkpoint_dir=folder, checkpoint_every=2, resume="--resume" in args)  # fmt: skip
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     torch.save({k: v.detach().clone() for k, v in full.items()}, out / f"final-rank{rank}.pt")
+    dist.barrier()  # no rank closes its connections while another still uses them
     dist.destroy_process_group()
 
 

@@ -67,6 +67,7 @@ def main() -> None:
     torch.save({k: v.detach().clone() for k, v in full.items()}, out / f"final-rank{rank}.pt")
     (out / f"result-rank{rank}.json").write_text(json.dumps(result["blocks"]))
     if distributed:
+        dist.barrier()  # no rank closes its connections while another still uses them
         dist.destroy_process_group()
 
 
