@@ -68,7 +68,9 @@ def fsdp_modules(module: nn.Module) -> list[FSDPModule]:
 def whole_parameters(module: nn.Module) -> Iterator[None]:
     """FSDP2: ``module``'s parameters gathered whole for the duration (forward passes included), and
     what is written to them kept: on the way out each is scattered back into its rank's shard. FSDP
-    itself would drop such writes when it reshards. Without FSDP this does nothing."""
+    itself would drop such writes when it reshards. Without FSDP this does nothing. Afterwards each
+    sharded module reshards after its forward again (FSDP's default below the root), whatever
+    ``reshard_after_forward`` it was given: FSDP offers no public way to read that setting back."""
     sharded = fsdp_modules(module)
     if not sharded:
         yield

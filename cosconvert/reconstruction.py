@@ -312,7 +312,7 @@ def _caches_off(*models: nn.Module) -> list[tuple[object, bool]]:
     return saved
 
 
-def _split(batches: list[tuple]) -> list[tuple]:
+def _rank_share(batches: list[tuple]) -> list[tuple]:
     """Under torchrun, this rank's share of the batches (every rank the same number of them, since
     each step is a collective); else all of them."""
     rank, world = rank_and_world()
@@ -523,8 +523,8 @@ def _fit_block(
         with torch.no_grad(), autocast:
             targets = [_detach(original_block(*args, **kwargs)) for args, kwargs in captured]
     power = sum(sum(t.float().pow(2).mean().item() for t in _leaves(x)) / len(_leaves(x)) for x in targets)
-    power = all_sum({"power": power, "batches": len(targets)})
-    power = power["power"] / power["batches"]
+    totals = all_sum({"power": power, "batches": len(targets)})  # under torchrun: every rank's targets
+    power = totals["power"] / totals["batches"]
     before, cosine_before = _mean_loss(block, captured, targets, autocast)
     snapshot = [p.detach().clone() for p in block.parameters()]
     refit_started = time.perf_counter()
@@ -652,7 +652,7 @@ def reconstruct(
     overlapping = [(a, b) for a in names for b in names if b.startswith(a + ".")]
     if overlapping:
         raise ValueError(f"blocks overlap: {overlapping[0][0]!r} contains {overlapping[0][1]!r}; give disjoint blocks")
-    batches = _split(_batches(data, batch_size, max_samples, home))
+    batches = _rank_share(_batches(data, batch_size, max_samples, home))
     _check_sharding(converted, names, offload)
     modes = converted.training, original.training
     converted.eval(), original.eval()  # normalizers keep their statistics, dropout is off

@@ -20,8 +20,9 @@ import fsdp_run  # noqa: E402 - the script's model, data and sizes
 pytestmark = pytest.mark.slow
 
 
-def torchrun(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT, out, *extra]
+def torchrun(out: Path, *extra: str, script: Path = SCRIPT) -> subprocess.CompletedProcess:
+    """``script`` (default: the FSDP2 fine-tune) on 2 ranks under torchrun, writing to ``out``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, out, *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
@@ -98,9 +99,7 @@ def test_calibration_under_torchrun_sums_every_ranks_statistics(tmp_path):
 
     import cosconvert
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           SCRIPT.parent / "calibrate_run.py", tmp_path]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    proc = torchrun(tmp_path, script=SCRIPT.parent / "calibrate_run.py")
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"calibrated-rank{r}.pt", weights_only=True) for r in (0, 1))
     teacher = fsdp_run.original()
@@ -124,9 +123,7 @@ def test_reconstruct_under_torchrun_is_one_process_reconstructing_every_ranks_ba
     one.mkdir(), two.mkdir()
     proc = subprocess.run([sys.executable, script, one, "--batch-size", "8"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    extra = ["--no-shard"] if mode == "replicated" else []
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, two, *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    proc = torchrun(two, *(["--no-shard"] if mode == "replicated" else []), script=script)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     shards = json.loads((two / "shards-rank0.json").read_text())
@@ -151,8 +148,6 @@ def test_reconstruct_under_torchrun_is_one_process_reconstructing_every_ranks_ba
 
 
 def test_reconstruct_refuses_a_block_that_an_enclosing_module_shards(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           SCRIPT.parent / "reconstruct_run.py", tmp_path, "--head-unsharded"]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    proc = torchrun(tmp_path, "--head-unsharded", script=SCRIPT.parent / "reconstruct_run.py")
     assert proc.returncode != 0
     assert "block 'lm_head' is sharded by an enclosing module: shard it with fully_shard" in proc.stderr

@@ -54,6 +54,12 @@ def original() -> nn.Module:
     ).eval()  # fmt: skip
 
 
+def shard_shapes(model: nn.Module) -> dict[str, list[int]]:
+    """The shape of this rank's own shard of each parameter (the whole parameter where unsharded)."""
+    return {name: list(p.to_local().shape) if hasattr(p, "to_local") else list(p.shape)
+            for name, p in model.named_parameters()}  # fmt: skip
+
+
 def main() -> None:
     out, args = Path(sys.argv[1]), sys.argv
     dist.init_process_group("gloo")
@@ -64,9 +70,7 @@ def main() -> None:
         for layer in [m for m in model.modules() if isinstance(m, _CosineMixin)]:
             fully_shard(layer)
         fully_shard(model)
-    shards = {name: list(p.to_local().shape) if hasattr(p, "to_local") else list(p.shape)
-              for name, p in model.named_parameters()}  # fmt: skip
-    (out / f"shards-rank{rank}.json").write_text(json.dumps(shards))
+    (out / f"shards-rank{rank}.json").write_text(json.dumps(shard_shapes(model)))
     stop = int(args[args.index("--stop-after") + 1]) if "--stop-after" in args else None
     folder = out / (f"checkpoints-rank{rank}" if "--per-rank-dirs" in args else "checkpoints")
     finetune(model, Images(stop), teacher=teacher, epochs=EPOCHS, batch_size=BATCH, lr=1e-2,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from fsdp_run import shard_shapes  # this script's folder is on the path, as torchrun runs it
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -57,9 +58,7 @@ def main() -> None:
     if distributed and "--no-shard" not in args:
         shard(model, head="--head-unsharded" not in args)
         shard(teacher, head=False)
-    shards = {name: list(p.to_local().shape) if hasattr(p, "to_local") else list(p.shape)
-              for name, p in model.named_parameters()}  # fmt: skip
-    (out / f"shards-rank{rank}.json").write_text(json.dumps(shards))
+    (out / f"shards-rank{rank}.json").write_text(json.dumps(shard_shapes(model)))
     batch = int(args[args.index("--batch-size") + 1]) if "--batch-size" in args else 4
     torch.manual_seed(2)  # the batch order: the same on every rank and in the one-process reference
     result = cosconvert.reconstruct(model, teacher, tokens(), steps=STEPS, batch_size=batch, lr=3e-3)
